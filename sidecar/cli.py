@@ -1,0 +1,140 @@
+"""Command line: argument parsing and wiring only.
+
+Exit status: 0 success, 1 runtime failure, 2 invalid configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from cryptography.fernet import Fernet
+
+from sidecar import __version__
+from sidecar.config import Config, ConfigError, load_config
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+def _load(path: str) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"{path}: invalid configuration:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return None
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from sidecar.logs import configure_logging  # deferred: keeps `--help` fast
+    from sidecar.server import run_until_stopped, serve
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    configure_logging(config.logging.level, config.logging.format)
+    try:
+        run_until_stopped(serve(config))
+    except OSError as exc:
+        logging.getLogger("sidecar").error("cannot start: %s", exc)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args.file)
+    if config is None:
+        return EXIT_CONFIG
+    print(
+        f"{args.file}: ok (upstream {config.upstream.url}, "
+        f"{len(config.security.ip_allowlist)} allowlist and "
+        f"{len(config.security.ip_denylist)} denylist rules, "
+        f"MFA policy {config.security.mfa_policy})"
+    )
+    return EXIT_OK
+
+
+def _cmd_keys_generate(args: argparse.Namespace) -> int:
+    print(Fernet.generate_key().decode())
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from sidecar.demo import run_demo
+
+    return run_demo(host=args.host, port=args.port, data_dir=args.data_dir)
+
+
+def _cmd_ip_explain(args: argparse.Namespace) -> int:
+    from sidecar.explain import explain_ip
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    report, ok = explain_ip(config, args.addr, via=args.via, header_lines=args.header or [])
+    print(report)
+    return EXIT_OK if ok else EXIT_FAILURE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sidecar",
+        description="Ingress enforcement sidecar: IP restrictions and MFA in front of a console.",
+    )
+    parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the sidecar")
+    run.add_argument("--config", "-c", required=True, metavar="FILE", help="YAML config file")
+    run.set_defaults(func=_cmd_run)
+
+    check = commands.add_parser("check-config", help="validate a config file (exit 0 or 2)")
+    check.add_argument("file", metavar="FILE")
+    check.set_defaults(func=_cmd_check_config)
+
+    keys = commands.add_parser("keys", help="key utilities")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    generate = keys_commands.add_parser(
+        "generate", help="print a new Fernet key (for mfa.session.secret_keys or the data key)"
+    )
+    generate.set_defaults(func=_cmd_keys_generate)
+
+    demo = commands.add_parser("demo", help="run a demo console with the sidecar in front")
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    demo.add_argument("--port", type=int, default=8080, help="sidecar port (default 8080)")
+    demo.add_argument(
+        "--data-dir", default="demo-data", help="folder for the demo's SQLite state and keys"
+    )
+    demo.set_defaults(func=_cmd_demo)
+
+    ip = commands.add_parser("ip", help="IP restriction tools")
+    ip_commands = ip.add_subparsers(dest="ip_command", required=True, metavar="ACTION")
+    explain = ip_commands.add_parser(
+        "explain", help="show how an address is resolved and which rule decides it"
+    )
+    explain.add_argument("addr", metavar="ADDR", help="the address to test (or the header's)")
+    explain.add_argument("--config", "-c", required=True, metavar="FILE")
+    explain.add_argument(
+        "--via", metavar="PEER", help="the TCP peer the request arrives from (e.g. your LB)"
+    )
+    explain.add_argument(
+        "--header",
+        action="append",
+        metavar="'NAME: VALUE'",
+        help="a forwarded header line as the peer sends it; repeat for several lines",
+    )
+    explain.set_defaults(func=_cmd_ip_explain)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return EXIT_OK

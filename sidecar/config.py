@@ -1,0 +1,515 @@
+"""Typed, frozen configuration loaded from YAML.
+
+``load_config(path)`` reads the file, expands ``${VAR}`` references from the environment,
+validates every key with pydantic and returns a frozen :class:`Config`. Every problem is
+reported at once as a :class:`ConfigError` whose lines name the YAML path and the bad value,
+e.g. ``security.ip_allowlist[3]: '10.0.0.0/33' is not a CIDR``. Unknown keys are errors: a
+typo in a security setting must never be silently ignored.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, cast
+from urllib.parse import urlsplit
+
+import yaml
+from cryptography.fernet import Fernet
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+# --- value parsers -------------------------------------------------------------------------
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE = re.compile(r"(\d+)\s*(b|kb|kib|mb|mib|gb|gib)?", re.IGNORECASE)
+_SIZE_UNITS = {
+    None: 1,
+    "b": 1,
+    "kb": 1000,
+    "kib": 1024,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "gb": 1000**3,
+    "gib": 1024**3,
+}
+
+
+def _bad(message: str) -> PydanticCustomError:
+    """An error about the value itself: reported as ``path: 'value' message``."""
+    return PydanticCustomError("bad_value", message)
+
+
+def _conflict(message: str) -> PydanticCustomError:
+    """An error about how settings fit together: reported as ``path: message``."""
+    return PydanticCustomError("conflict", message)
+
+
+def parse_duration(value: object) -> float:
+    """``90s``, ``15m``, ``72h``, ``7d``, ``1h30m``, ``250ms`` or a number of seconds."""
+    if isinstance(value, bool):
+        raise _bad("is not a duration (use e.g. 90s, 15m, 72h, 7d)")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        parts = _DURATION_PART.findall(text)
+        if not parts or "".join(n + u for n, u in parts) != text:
+            raise _bad("is not a duration (use e.g. 90s, 15m, 72h, 7d)")
+        seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    else:
+        raise _bad("is not a duration (use e.g. 90s, 15m, 72h, 7d)")
+    if seconds < 0:
+        raise _bad("must not be negative")
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    """``512KiB``, ``64MiB``, ``1GiB`` (also KB/MB/GB, powers of 1000) or a number of bytes."""
+    if isinstance(value, bool):
+        raise _bad("is not a size (use e.g. 512KiB, 64MiB, 1GiB or bytes)")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (match := _SIZE.fullmatch(value.strip())):
+        unit = match.group(2).lower() if match.group(2) else None
+        size = int(match.group(1)) * _SIZE_UNITS[unit]
+    else:
+        raise _bad("is not a size (use e.g. 512KiB, 64MiB, 1GiB or bytes)")
+    if size <= 0:
+        raise _bad("must be positive")
+    return size
+
+
+def parse_cidr(value: object) -> IpNetwork:
+    """A CIDR such as ``10.0.0.0/8`` or ``2001:db8::/32``; a bare address means /32 or /128.
+
+    Host bits set (``10.0.0.1/8``) are an error rather than silently widened: the operator
+    probably meant something else. Only strings are accepted (``ip_network(167772160)``
+    would quietly accept an integer).
+    """
+    if not isinstance(value, str):
+        raise _bad("is not a CIDR (write it as a quoted string)")
+    text = value.strip()
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        if "has host bits set" in str(exc):
+            raise _bad("has host bits set (did you mean the network address?)") from exc
+        raise _bad("is not a CIDR") from exc
+
+
+def parse_fernet_key(value: object) -> str:
+    """A Fernet key: 32 bytes, url-safe base64 (``sidecar keys generate`` prints one)."""
+    if not isinstance(value, str):
+        raise _bad("is not a key (generate one with `sidecar keys generate`)")
+    try:
+        Fernet(value.strip())
+    except (ValueError, TypeError) as exc:
+        raise _bad("is not a valid key (generate one with `sidecar keys generate`)") from exc
+    return value.strip()
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+Cidr = Annotated[IpNetwork, BeforeValidator(parse_cidr)]
+FernetKey = Annotated[str, BeforeValidator(parse_fernet_key)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+
+
+def _lower(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
+
+
+# --- the model -----------------------------------------------------------------------------
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=False)
+
+
+class Tls(_Section):
+    cert_file: Path
+    key_file: Path
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> Tls:
+        for name in ("cert_file", "key_file"):
+            path: Path = getattr(self, name)
+            if not path.is_file():
+                raise _conflict(f"{name} {str(path)!r} does not exist or is not a file")
+        return self
+
+
+class Listen(_Section):
+    host: str = "0.0.0.0"
+    port: Port = 8080
+    max_body_size: Size = 64 * 1024**2
+    tls: Tls | None = None
+    # How long SIGTERM waits for in-flight requests and WebSockets before closing them.
+    drain_timeout: Duration = 30.0
+
+
+class Admin(_Section):
+    host: str = "127.0.0.1"
+    port: Port = 9090
+
+
+class Upstream(_Section):
+    url: str = "http://127.0.0.1:3000"
+    connect_timeout: Duration = 5.0
+    read_timeout: Duration = 60.0
+    max_connections: Annotated[int, Field(ge=1, le=100_000)] = 100
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise _bad("is not an http:// or https:// URL with a host")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise _bad("must not contain credentials, a query or a fragment")
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as exc:
+            raise _bad("has an invalid port") from exc
+        return value.rstrip("/")
+
+
+class Network(_Section):
+    trusted_proxies: list[Cidr] = []
+    client_ip_header: Annotated[
+        Literal["x-forwarded-for", "forwarded", "x-real-ip"], BeforeValidator(_lower)
+    ] = "x-forwarded-for"
+    block_status: Annotated[int, Field(ge=400, le=599)] = 403
+
+
+class Introspect(_Section):
+    path: str = "/api/me"
+    id_field: str = "id"
+    email_field: str = "email"
+    role_field: str = "role"
+    cache_ttl: Duration = 30.0
+    cache_size: Annotated[int, Field(ge=1)] = 10_000
+    timeout: Duration = 5.0
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/") or value.startswith("//"):
+            raise _bad("must be an absolute path such as /api/me")
+        return value
+
+
+class IdentityHeaders(_Section):
+    user: str = "X-Forwarded-User"
+    email: str = "X-Forwarded-Email"
+    groups: str = "X-Forwarded-Groups"
+
+
+class Jwt(_Section):
+    cookie: str | None = None
+    header: str = "Authorization"
+    algorithms: list[str] = ["RS256", "ES256"]
+    key: str | None = None
+    key_file: Path | None = None
+    audience: str | None = None
+    issuer: str | None = None
+    id_claim: str = "sub"
+    email_claim: str = "email"
+    role_claim: str = "role"
+
+
+class Identity(_Section):
+    source: Literal["introspect", "headers", "jwt"] = "introspect"
+    introspect: Introspect = Introspect()
+    headers: IdentityHeaders = IdentityHeaders()
+    jwt: Jwt = Jwt()
+    admin_roles: list[str] = ["admin", "owner"]
+
+    @model_validator(mode="after")
+    def _jwt_has_key(self) -> Identity:
+        if self.source == "jwt" and not (self.jwt.key or self.jwt.key_file):
+            raise _conflict("identity.source is jwt but neither jwt.key nor jwt.key_file is set")
+        return self
+
+
+class Security(_Section):
+    managed_by: Literal["store", "config"] = "store"
+    mfa_policy: Literal["optional", "admins", "all"] = "optional"
+    grace_period: Duration = 72 * 3600.0
+    ip_allowlist: list[Cidr] = []
+    ip_denylist: list[Cidr] = []
+
+
+class Lockout(_Section):
+    max_failures: Annotated[int, Field(ge=1)] = 5
+    window: Duration = 15 * 60.0
+    ban: Duration = 15 * 60.0
+
+
+class Session(_Section):
+    secret_keys: Annotated[list[FernetKey], Field(min_length=1)]
+    cookie_name: str = "sidecar_session"
+    secure: bool = True
+
+
+def _one_or_many(value: object) -> object:
+    return [value] if isinstance(value, str) else value
+
+
+class Mfa(_Section):
+    path_prefix: str = "/mfa"
+    rp_id: str = "console.example.com"
+    rp_name: str = "Console"
+    origin: Annotated[list[str], BeforeValidator(_one_or_many), Field(min_length=1)] = [
+        "https://console.example.com"
+    ]
+    exempt_paths: list[str] = ["/logout", "/static/"]
+    enforce_on_tokens: bool = False
+    verify_every: Duration = 12 * 3600.0
+    lockout: Lockout = Lockout()
+    session: Session
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", value):
+            raise _bad("must look like /mfa (a path without a trailing slash)")
+        return value
+
+    @field_validator("origin")
+    @classmethod
+    def _origins(cls, values: list[str]) -> list[str]:
+        for value in values:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise _conflict(f"{value!r} is not an origin such as https://console.example")
+            if parts.path not in ("", "/") or parts.query or parts.fragment:
+                raise _conflict(f"{value!r} must be an origin without a path")
+        return [v.rstrip("/") for v in values]
+
+    @field_validator("exempt_paths")
+    @classmethod
+    def _exempt(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if not value.startswith("/"):
+                raise _conflict(f"{value!r} must start with /")
+        return values
+
+    @model_validator(mode="after")
+    def _rp_id_matches_origins(self) -> Mfa:
+        # WebAuthn: the RP ID must equal the origin's host or be a registrable suffix of it.
+        for origin in self.origin:
+            host = urlsplit(origin).hostname or ""
+            if host != self.rp_id and not host.endswith("." + self.rp_id):
+                raise _conflict(f"rp_id {self.rp_id!r} is not the host of origin {origin!r}")
+        return self
+
+
+class Storage(_Section):
+    url: str = "sqlite:///var/lib/sidecar/state.db"
+    encryption_key: FernetKey
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"(sqlite(\+aiosqlite)?:///.|postgres(ql)?(\+asyncpg)?://.)", value):
+            raise _bad("must be sqlite:///path or postgresql://user@host/db")
+        return value
+
+
+class Audit(_Section):
+    file: str = "-"
+
+
+class Logging(_Section):
+    level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = "info"
+    format: Literal["json", "text"] = "json"
+
+
+class Config(_Section):
+    """The whole configuration: one attribute per top-level YAML key."""
+
+    listen: Listen = Listen()
+    admin: Admin = Admin()
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
+    upstream: Upstream = Upstream()
+    network: Network = Network()
+    identity: Identity = Identity()
+    security: Security = Security()
+    mfa: Mfa
+    storage: Storage
+    audit: Audit = Audit()
+    logging: Logging = Logging()
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses duplicate mapping keys (PyYAML silently keeps the last)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,
+)
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+# Secrets may come from the environment without being named in the YAML, so that a config
+# file can be committed without them.
+_ENV_DEFAULTS = {
+    ("mfa", "session", "secret_keys"): ("SIDECAR_SESSION_KEY", True),
+    ("storage", "encryption_key"): ("SIDECAR_DATA_KEY", False),
+}
+
+
+def format_path(loc: tuple[str | int, ...]) -> str:
+    """``('security', 'ip_allowlist', 3)`` -> ``security.ip_allowlist[3]``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _expand_env(
+    node: object, env: Mapping[str, str], loc: tuple[str | int, ...], errors: dict[str, str]
+) -> object:
+    if isinstance(node, dict):
+        return {k: _expand_env(v, env, (*loc, str(k)), errors) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_env(v, env, (*loc, i), errors) for i, v in enumerate(node)]
+    if isinstance(node, str) and "${" in node:
+
+        def substitute(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in env:
+                errors[format_path(loc)] = f"environment variable {name} is not set"
+                return match.group(0)
+            return env[name]
+
+        return _ENV_REF.sub(substitute, node)
+    return node
+
+
+def _apply_env_defaults(data: dict[str, Any], env: Mapping[str, str]) -> None:
+    for path, (var, as_list) in _ENV_DEFAULTS.items():
+        section: Any = data
+        for key in path[:-1]:
+            if not isinstance(section, dict):
+                break
+            section = section.setdefault(key, {})
+        else:
+            if isinstance(section, dict) and path[-1] not in section and var in env:
+                section[path[-1]] = [env[var]] if as_list else env[var]
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    kind = error["type"]
+    value = error.get("input")
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "is required"
+    message = str(error["msg"])
+    if kind == "conflict":
+        return message
+    shown = type(value).__name__ if isinstance(value, dict | list) else repr(value)
+    if kind == "bad_value":
+        return f"{shown} {message}"
+    return f"{shown}: {message[0].lower()}{message[1:]}"
+
+
+def _secret_hint(path: str) -> str:
+    if path == "mfa.session.secret_keys":
+        return " (set it in the YAML or SIDECAR_SESSION_KEY; `sidecar keys generate` makes one)"
+    if path == "storage.encryption_key":
+        return " (set it in the YAML or SIDECAR_DATA_KEY; `sidecar keys generate` makes one)"
+    return ""
+
+
+def parse_config(data: object, env: Mapping[str, str] | None = None) -> Config:
+    """Validate an already-parsed YAML document; raises ConfigError listing every problem."""
+    env = os.environ if env is None else env
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(["(top level): must be a mapping of sections such as listen:, mfa:"])
+    env_errors: dict[str, str] = {}
+    expanded = cast(dict[str, Any], _expand_env(data, env, (), env_errors))
+    _apply_env_defaults(expanded, env)
+    problems = [f"{path}: {message}" for path, message in env_errors.items()]
+    try:
+        config = Config.model_validate(expanded)
+    except ValidationError as exc:
+        for error in exc.errors():
+            loc = tuple(p for p in error["loc"] if not isinstance(p, str) or "[" not in p)
+            path = format_path(loc)
+            if any(path == p or path.startswith(p + "[") for p in env_errors):
+                continue  # already reported as a missing variable
+            line = f"{path}: {_describe(error)}"
+            if error["type"] == "missing":
+                line += _secret_hint(path)
+            problems.append(line)
+        raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a YAML config file; raises ConfigError naming every problem."""
+    source = Path(path)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{source}: cannot read: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{source}: is not UTF-8 text"]) from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else str(source)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{where}: invalid YAML: {problem}"]) from None
+    return parse_config(data, env)

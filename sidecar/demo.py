@@ -1,0 +1,118 @@
+"""``sidecar demo``: the demo console with the sidecar in front of it, on this machine.
+
+Everything lives under one folder (default ``./demo-data``): generated keys (kept so that
+sessions survive a restart), the SQLite state and the audit log. Cookies are not marked
+Secure because the demo is served over plain http on localhost.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from cryptography.fernet import Fernet
+
+from sidecar.config import Config, ConfigError, parse_config
+from sidecar.demo_console import DEMO_USERS, build_demo_console
+from sidecar.logs import configure_logging
+from sidecar.server import run_until_stopped, serve
+
+
+def _keys(data_dir: Path) -> dict[str, str]:
+    path = data_dir / "keys.json"
+    if path.exists():
+        keys: dict[str, str] = json.loads(path.read_text())
+        return keys
+    keys = {"session": Fernet.generate_key().decode(), "data": Fernet.generate_key().decode()}
+    path.write_text(json.dumps(keys))
+    path.chmod(0o600)
+    return keys
+
+
+def demo_config(
+    *, host: str, port: int, admin_port: int, console_port: int, data_dir: Path
+) -> Config:
+    """The demo's configuration, built the same way as a YAML file is validated."""
+    keys = _keys(data_dir)
+    public_host = "localhost"
+    raw: dict[str, Any] = {
+        "listen": {"host": host, "port": port, "drain_timeout": "2s"},
+        "admin": {"host": "127.0.0.1", "port": admin_port},
+        "upstream": {"url": f"http://127.0.0.1:{console_port}"},
+        "security": {"mfa_policy": "admins", "grace_period": "72h"},
+        "mfa": {
+            "rp_id": public_host,
+            "rp_name": "Demo Console",
+            "origin": [f"http://{public_host}:{port}", f"http://127.0.0.1:{port}"]
+            if port != 80
+            else [f"http://{public_host}"],
+            "session": {"secret_keys": [keys["session"]], "secure": False},
+        },
+        "storage": {
+            "url": f"sqlite:///{(data_dir / 'state.db').resolve()}",
+            "encryption_key": keys["data"],
+        },
+        "audit": {"file": str((data_dir / "audit.jsonl").resolve())},
+        "logging": {"level": "info", "format": "text"},
+    }
+    # rp_id must match every origin's host; 127.0.0.1 is offered for convenience only
+    # when it cannot conflict.
+    raw["mfa"]["origin"] = [o for o in raw["mfa"]["origin"] if "//localhost" in o]
+    return parse_config(raw, env={})
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def _demo(config: Config, console_port: int) -> None:
+    console = web.AppRunner(build_demo_console(), access_log=None)
+    await console.setup()
+    await web.TCPSite(console, "127.0.0.1", console_port).start()
+    try:
+        await serve(config)
+    finally:
+        await console.cleanup()
+
+
+def run_demo(*, host: str, port: int, data_dir: str, admin_port: int = 9090) -> int:
+    folder = Path(data_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    console_port = _free_port()
+    try:
+        config = demo_config(
+            host=host,
+            port=port,
+            admin_port=admin_port,
+            console_port=console_port,
+            data_dir=folder,
+        )
+    except ConfigError as exc:  # pragma: no cover - the demo config is fixed
+        print("\n".join(exc.problems), file=sys.stderr)
+        return 2
+    configure_logging(config.logging.level, config.logging.format)
+    url = f"http://localhost:{port}/"
+    print(
+        f"\nDemo console behind the sidecar: {url}\n"
+        f"  metrics and health:  http://127.0.0.1:{admin_port}/metrics\n"
+        f"  state and keys in:   {folder.resolve()}\n"
+        f"  console (upstream):  http://127.0.0.1:{console_port}/ (not exposed)\n\n"
+        "Users (password 'demo' for all):",
+        flush=True,
+    )
+    for user in DEMO_USERS:
+        print(f"  {user.id.removeprefix('u-'):<8} {user.role:<7} {user.email}", flush=True)
+    print("\nStop with Ctrl-C.\n", flush=True)
+    try:
+        run_until_stopped(_demo(config, console_port))
+    except OSError as exc:
+        print(f"cannot start the demo: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,61 @@
+"""Logging set-up: one JSON object per line (default) or plain text for humans.
+
+Records carry structured fields in ``extra={"fields": {...}}``; the JSON formatter merges them
+into the object, the text formatter appends them as ``key=value``. Never pass secrets, codes,
+cookies or full credential ids as fields.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+FIELDS = "fields"
+
+
+def fields(**values: Any) -> dict[str, dict[str, Any]]:
+    """``log.info("msg", extra=fields(a=1))``."""
+    return {FIELDS: values}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        extra = getattr(record, FIELDS, None)
+        if extra:
+            out.update(extra)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, separators=(",", ":"))
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extra = getattr(record, FIELDS, None)
+        if extra:
+            line += " " + " ".join(f"{k}={v}" for k, v in extra.items())
+        return line
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """Route every logger (ours, aiohttp's) to stderr in the chosen format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aiohttp's own access log would duplicate ours.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

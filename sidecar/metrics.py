@@ -1,0 +1,106 @@
+"""Prometheus metrics (DESIGN "Operations"), one registry per app, no per-path or per-IP labels.
+
+Label children for every known label value are created up front: the hot path then does a
+dict lookup and an increment, and dashboards see every series at 0 from the start instead
+of series that appear only after the first event.
+"""
+
+from __future__ import annotations
+
+import platform
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from sidecar import __version__
+from sidecar.decision import Decision
+
+# Request latency through the sidecar: from sub-millisecond (blocked, cached) to long
+# downloads.
+_REQUEST_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+UPSTREAM_ERROR_KINDS = ("connect", "timeout", "protocol")
+
+
+class Metrics:
+    """Every metric the sidecar exports, registered on its own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests_total = Counter(
+            "sidecar_requests_total",
+            "Requests by the decision that answered them",
+            ["decision"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "sidecar_request_duration_seconds",
+            "Time from request to the end of the response, including streaming",
+            buckets=_REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "sidecar_upstream_duration_seconds",
+            "Time until the upstream's response headers arrived",
+            buckets=_REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors_total = Counter(
+            "sidecar_upstream_errors_total",
+            "Upstream failures by kind",
+            ["kind"],
+            registry=r,
+        )
+        self.ip_rules = Gauge(
+            "sidecar_ip_rules",
+            "Rules in the live IP lists",
+            ["list"],
+            registry=r,
+        )
+        self.config_reloads_total = Counter(
+            "sidecar_config_reloads_total",
+            "Configuration reloads by result",
+            ["result"],
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "sidecar_build_info",
+            "Build information (always 1)",
+            ["version", "python"],
+            registry=r,
+        )
+        self.build_info.labels(__version__, platform.python_version()).set(1)
+        self._by_decision = {d: self.requests_total.labels(d.value) for d in Decision}
+        self._by_error = {k: self.upstream_errors_total.labels(k) for k in UPSTREAM_ERROR_KINDS}
+        for name in ("allowlist", "denylist"):
+            self.ip_rules.labels(name).set(0)
+        for result in ("success", "failure"):
+            self.config_reloads_total.labels(result)
+
+    def request_done(self, decision: Decision, seconds: float) -> None:
+        self._by_decision[decision].inc()
+        self.request_duration.observe(seconds)
+
+    def upstream_errors(self, kind: str) -> None:
+        self._by_error[kind].inc()
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text exposition and its content type, for the admin listener."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,1 @@
+"""The request pipeline, one middleware per module; ``sidecar.app`` assembles them in order."""

@@ -1,0 +1,56 @@
+"""Pipeline step 2: the organization's IP denylist, then allowlist, before any identity work.
+
+A refused request gets ``network.block_status`` with a short plain body and causes no upstream
+I/O (WebSocket upgrades are refused before any 101). Every block is counted in the metrics;
+the audit trail gets at most one ``ip.blocked`` record per client address per minute so a
+flood cannot drown it.
+"""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from sidecar.audit import AuditLog, OncePerWindow
+from sidecar.decision import Decision
+from sidecar.live import LiveSettings
+from sidecar.state import CLIENT_IP, DECISION, REASON
+
+_BODY = {
+    Decision.DENIED_IP: "Access denied: your network address is blocked.\n",
+    Decision.NOT_ALLOWLISTED: "Access denied: your network address is not on the allowlist.\n",
+}
+
+
+def ip_gate_middleware(*, live: LiveSettings, audit: AuditLog) -> Middleware:
+    recently_audited = OncePerWindow(window=60.0)
+
+    @web.middleware
+    async def ip_gate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        ip = request[CLIENT_IP]
+        if ip is None:  # pragma: no cover - the client-ip stage refuses these first
+            return await handler(request)
+        policy = live.network
+        verdict = policy.gate.decide(ip)
+        if verdict.decision is Decision.ALLOWED:
+            return await handler(request)
+        rule = str(verdict.rule) if verdict.rule is not None else None
+        request[DECISION] = verdict.decision
+        request[REASON] = f"{verdict.list_name} {rule}" if rule else "no allowlist rule matched"
+        client = str(ip)
+        if recently_audited.first_in_window(client, time.monotonic()):
+            audit.record(
+                "ip.blocked",
+                actor=None,
+                client_ip=client,
+                outcome=verdict.decision.value,
+                target=request.path,
+                rule=rule,
+                list=verdict.list_name,
+                peer=request.remote,
+            )
+        return web.Response(status=policy.block_status, text=_BODY[verdict.decision])
+
+    return ip_gate

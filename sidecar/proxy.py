@@ -1,0 +1,479 @@
+"""Forwarding to the upstream console: HTTP streamed both ways, and WebSockets.
+
+This module owns the last pipeline stage (DESIGN step 6). Its promises:
+
+- The upstream URL comes from config only; the request's ``Host`` or an absolute-form target
+  never choose where the request goes or what ``X-Forwarded-Host`` says.
+- Bodies stream in both directions in bounded memory; a request body over
+  ``listen.max_body_size`` is refused with 413 (counted here, because aiohttp's
+  ``client_max_size`` does not cover streamed reads).
+- Hop-by-hop headers, including the ones a ``Connection`` header names, are removed in both
+  directions (RFC 9110 §7.6.1). Client-sent forwarding headers are replaced by the sidecar's.
+- Upstream failures map to 502 (cannot connect or broken answer) and 504 (timeout). A body
+  cut off upstream after the status line was sent aborts the client connection, so the
+  client sees a broken response rather than a clean, shorter one.
+
+The hop to the upstream sits behind :class:`UpstreamTransport` so that a leaner transport can
+replace aiohttp's ``ClientSession`` (most of the per-request CPU) without touching the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+import aiohttp
+from aiohttp import WSMsgType, web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from sidecar.config import Config
+from sidecar.decision import Decision
+from sidecar.metrics import Metrics
+from sidecar.state import CLIENT_IP, DECISION, REASON, UPSTREAM_STATUS
+
+log = logging.getLogger("sidecar.proxy")
+
+# RFC 9110 §7.6.1 and RFC 9112 §9.6: connection-specific fields never forwarded. Proxy-*
+# authentication is meant for this hop only. Expect is answered by our own server.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "expect",
+    }
+)
+
+# Forwarding headers the client may have written: replaced by the sidecar's own, never passed
+# on (a client must not be able to choose the address or host the console believes).
+CLIENT_FORWARDING = frozenset(
+    {"forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip", "via"}
+)
+
+# Generated afresh by aiohttp's WebSocket client for the upstream handshake.
+WEBSOCKET_HANDSHAKE = frozenset(
+    {
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+        "sec-websocket-protocol",
+        "sec-websocket-accept",
+    }
+)
+
+VIA = "1.1 sidecar"
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached or did not answer properly."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind  # "connect", "timeout", "protocol": the metrics label
+
+
+class UpstreamResponse(Protocol):
+    """What the proxy needs of an upstream answer."""
+
+    status: int
+    reason: str | None
+    headers: CIMultiDictProxy[str]
+
+    def iter_body(self) -> AsyncIterator[bytes]:
+        """The body as it arrives; raises UpstreamError if it breaks off."""
+        ...
+
+
+class UpstreamTransport(Protocol):
+    """The hop to the upstream; one instance per app, pooled keep-alive connections."""
+
+    def request(
+        self,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        body: AsyncIterator[bytes] | None,
+    ) -> AbstractAsyncContextManager[UpstreamResponse]: ...
+
+    def websocket(
+        self, target: str, headers: CIMultiDict[str], protocols: tuple[str, ...]
+    ) -> AbstractAsyncContextManager[aiohttp.ClientWebSocketResponse]: ...
+
+    async def probe(self) -> bool:
+        """True when the upstream answers HTTP at all (for /readyz)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(slots=True)
+class _AiohttpResponse:
+    status: int
+    reason: str | None
+    headers: CIMultiDictProxy[str]
+    _response: aiohttp.ClientResponse
+
+    async def iter_body(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            raise UpstreamError("protocol", f"upstream body broke off: {exc}") from exc
+        except TimeoutError as exc:
+            raise UpstreamError("timeout", "upstream body read timed out") from exc
+
+
+class AiohttpUpstream:
+    """:class:`UpstreamTransport` over one aiohttp ``ClientSession``.
+
+    Configured as a proxy must be (NOTES "aiohttp as a proxy"): no cookie jar (the default
+    jar would replay one user's ``Set-Cookie`` to the next caller), no decompression, no
+    redirects followed, no automatic headers, no proxy settings taken from the environment,
+    no overall timeout (it would kill long downloads): connect and per-read timeouts only.
+    """
+
+    def __init__(self, config: Config) -> None:
+        upstream = config.upstream
+        self._base = upstream.url
+        connector = aiohttp.TCPConnector(
+            limit=upstream.max_connections, limit_per_host=0, ttl_dns_cache=10
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            trust_env=False,
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=upstream.connect_timeout, sock_read=upstream.read_timeout
+            ),
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        )
+
+    def _url(self, target: str) -> URL:
+        # target is a server-parsed origin-form path (always starting with "/"), appended to
+        # the configured base: nothing in the request can change scheme, host or port.
+        return URL(self._base + target, encoded=True)
+
+    @contextlib.asynccontextmanager
+    async def request(
+        self,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        body: AsyncIterator[bytes] | None,
+    ) -> AsyncIterator[UpstreamResponse]:
+        try:
+            response = await self._session.request(
+                method,
+                self._url(target),
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                compress=None,
+            )
+        except TimeoutError as exc:
+            raise UpstreamError("timeout", "upstream did not answer in time") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamError("connect", f"cannot connect to upstream: {exc.os_error}") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError("protocol", f"upstream request failed: {exc!r}") from exc
+        try:
+            yield _AiohttpResponse(response.status, response.reason, response.headers, response)
+        finally:
+            response.release()
+
+    @contextlib.asynccontextmanager
+    async def websocket(
+        self, target: str, headers: CIMultiDict[str], protocols: tuple[str, ...]
+    ) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+        try:
+            ws = await self._session.ws_connect(
+                self._url(target),
+                headers=headers,
+                protocols=protocols,
+                autoping=False,
+                autoclose=False,
+                max_msg_size=0,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0),
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            raise UpstreamHandshakeRefused(exc.status) from exc
+        except TimeoutError as exc:
+            raise UpstreamError("timeout", "upstream did not answer in time") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamError("connect", f"cannot connect to upstream: {exc.os_error}") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError("protocol", f"upstream WebSocket failed: {exc!r}") from exc
+        try:
+            yield ws
+        finally:
+            await ws.close()
+
+    async def probe(self) -> bool:
+        try:
+            async with self._session.head(
+                self._base + "/",
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=2.0),
+            ):
+                return True
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
+class UpstreamHandshakeRefused(Exception):
+    """The upstream answered a WebSocket upgrade with something other than 101."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"upstream refused the WebSocket upgrade with {status}")
+        self.status = status
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
+    tokens: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return tokens
+
+
+def end_to_end_headers(
+    headers: CIMultiDictProxy[str], extra_drop: frozenset[str] = frozenset()
+) -> CIMultiDict[str]:
+    """Copy ``headers`` without hop-by-hop fields, those named in ``Connection``, and
+    ``extra_drop``; repeated fields (``Set-Cookie``) keep every line and their order."""
+    drop = _connection_tokens(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lowered = name.lower()
+        if lowered in HOP_BY_HOP or lowered in drop or lowered in extra_drop:
+            continue
+        out.add(name, value)
+    return out
+
+
+class Proxy:
+    """The catch-all handler: forwards whatever earlier stages let through."""
+
+    def __init__(
+        self,
+        *,
+        transport: Callable[[], UpstreamTransport],
+        metrics: Metrics,
+        max_body_size: int,
+        secure_listener: bool,
+    ) -> None:
+        self._transport = transport
+        self._metrics = metrics
+        self._max_body_size = max_body_size
+        self._scheme = "https" if secure_listener else "http"
+
+    def _upstream_headers(self, request: web.Request, drop: frozenset[str]) -> CIMultiDict[str]:
+        headers = end_to_end_headers(request.headers, drop)
+        client_ip = request.get(CLIENT_IP)
+        # One trustworthy address: the client the pipeline resolved (entries left of it in
+        # a forwarded chain are attacker-written and are not passed on).
+        if client_ip is not None:
+            headers["X-Forwarded-For"] = str(client_ip)
+        headers["X-Forwarded-Proto"] = self._scheme
+        # The Host header line itself, never request.host: that follows an absolute-form
+        # target (GET http://evil/ HTTP/1.1) which the client controls separately.
+        host = request.headers.get("Host")
+        if host:
+            headers["X-Forwarded-Host"] = host
+        headers["Via"] = VIA
+        return headers
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        target = request.rel_url.raw_path_qs
+        if not target.startswith("/"):
+            return web.Response(status=400, text="bad request target\n")
+        if (
+            request.method == "GET"
+            and request.headers.get("Upgrade", "").lower() == "websocket"
+            and "upgrade" in _connection_tokens(request.headers)
+        ):
+            return await self._websocket(request, target)
+        return await self._http(request, target)
+
+    def _upstream_failed(self, request: web.Request, error: UpstreamError) -> web.Response:
+        request[DECISION] = Decision.UPSTREAM_ERROR
+        request[REASON] = str(error)
+        self._metrics.upstream_errors(error.kind)
+        if error.kind == "timeout":
+            return web.Response(status=504, text="upstream timed out\n")
+        return web.Response(status=502, text="upstream unavailable\n")
+
+    async def _http(self, request: web.Request, target: str) -> web.StreamResponse:
+        length = request.content_length
+        if length is not None and length > self._max_body_size:
+            return _too_large(request)
+        headers = self._upstream_headers(request, CLIENT_FORWARDING)
+        body: AsyncIterator[bytes] | None = None
+        too_large = False
+        if request.body_exists:
+            if length is not None:
+                headers["Content-Length"] = str(length)
+
+            async def stream_body() -> AsyncIterator[bytes]:
+                nonlocal too_large
+                received = 0
+                async for chunk in request.content.iter_any():
+                    received += len(chunk)
+                    if received > self._max_body_size:
+                        too_large = True
+                        raise _BodyTooLarge
+                    yield chunk
+
+            body = stream_body()
+
+        started = time.perf_counter()
+        response: web.StreamResponse | None = None
+        try:
+            async with self._transport().request(request.method, target, headers, body) as upstream:
+                self._metrics.upstream_duration.observe(time.perf_counter() - started)
+                request[UPSTREAM_STATUS] = upstream.status
+                response = web.StreamResponse(
+                    status=upstream.status,
+                    reason=upstream.reason,
+                    headers=end_to_end_headers(upstream.headers),
+                )
+                await response.prepare(request)
+                async for chunk in upstream.iter_body():
+                    await response.write(chunk)
+                if too_large:
+                    # The upstream answered before reading the whole body; the client is
+                    # still sending more than allowed: do not keep the connection.
+                    response.force_close()
+                await response.write_eof()
+                return response
+        except UpstreamError as error:
+            if too_large and response is None:
+                return _too_large(request)
+            if response is not None and response.prepared:
+                return _abort(request, response, error, self._metrics)
+            return self._upstream_failed(request, error)
+        except _BodyTooLarge:
+            return _too_large(request)
+
+    async def _websocket(self, request: web.Request, target: str) -> web.StreamResponse:
+        headers = self._upstream_headers(request, CLIENT_FORWARDING | WEBSOCKET_HANDSHAKE)
+        offered = tuple(
+            p.strip()
+            for line in request.headers.getall("Sec-WebSocket-Protocol", ())
+            for p in line.split(",")
+            if p.strip()
+        )
+        try:
+            async with self._transport().websocket(target, headers, offered) as upstream:
+                request[UPSTREAM_STATUS] = 101
+                downstream = web.WebSocketResponse(
+                    protocols=(upstream.protocol,) if upstream.protocol else (),
+                    autoping=False,
+                    autoclose=False,
+                    max_msg_size=self._max_body_size,
+                )
+                await downstream.prepare(request)
+                await _pump_websockets(downstream, upstream)
+                return downstream
+        except UpstreamHandshakeRefused as refused:
+            request[UPSTREAM_STATUS] = refused.status
+            status = refused.status if 400 <= refused.status < 600 else 502
+            return web.Response(status=status, text="upstream refused the WebSocket upgrade\n")
+        except UpstreamError as error:
+            return self._upstream_failed(request, error)
+
+
+def _too_large(request: web.Request) -> web.Response:
+    request[REASON] = "request body over listen.max_body_size"
+    response = web.Response(status=413, text="request body too large\n")
+    # The rest of the body is still on the wire: this connection cannot be reused.
+    response.force_close()
+    return response
+
+
+def _abort(
+    request: web.Request, response: web.StreamResponse, error: UpstreamError, metrics: Metrics
+) -> web.StreamResponse:
+    """The status line is already out: the only honest signal left is a broken connection.
+
+    Ending the response normally would terminate a chunked body cleanly (or leave a
+    Content-Length body short on a kept-alive connection), and the client would take a
+    truncated download for a complete one.
+    """
+    request[DECISION] = Decision.UPSTREAM_ERROR
+    request[REASON] = str(error)
+    metrics.upstream_errors(error.kind)
+    log.warning("upstream body broke off, aborting client connection: %s", error)
+    if request.transport is not None:
+        request.transport.abort()
+    response.force_close()
+    return response
+
+
+WsSide = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+
+
+async def _pump_websockets(
+    downstream: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse
+) -> None:
+    """Relay frames both ways until either side closes; close codes and reasons, ping and
+    pong payloads pass through unchanged."""
+
+    async def pump(source: WsSide, sink: WsSide) -> tuple[int, str]:
+        while True:
+            msg = await source.receive()
+            if msg.type is WSMsgType.TEXT:
+                await sink.send_str(msg.data)
+            elif msg.type is WSMsgType.BINARY:
+                await sink.send_bytes(msg.data)
+            elif msg.type is WSMsgType.PING:
+                await sink.ping(msg.data)
+            elif msg.type is WSMsgType.PONG:
+                await sink.pong(msg.data)
+            elif msg.type is WSMsgType.CLOSE:
+                return int(msg.data), msg.extra or ""
+            else:  # CLOSING, CLOSED, ERROR: the source went away without a close frame
+                return 1011 if msg.type is WSMsgType.ERROR else 1001, ""
+
+    to_upstream = asyncio.ensure_future(pump(downstream, upstream))
+    to_downstream = asyncio.ensure_future(pump(upstream, downstream))
+    done, pending = await asyncio.wait(
+        (to_upstream, to_downstream), return_when=asyncio.FIRST_COMPLETED
+    )
+    for task in pending:
+        task.cancel()
+    for task in pending:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    first = done.pop()
+    try:
+        code, reason = first.result()
+    except (ConnectionError, aiohttp.ClientError, RuntimeError):
+        code, reason = 1011, ""
+    closer: WsSide = upstream if first is to_upstream else downstream
+    origin: WsSide = downstream if first is to_upstream else upstream
+    # Pass the close on with its code and reason, then answer the side that started it.
+    with contextlib.suppress(ConnectionError, aiohttp.ClientError, RuntimeError):
+        await closer.close(code=code, message=reason.encode())
+    with contextlib.suppress(ConnectionError, aiohttp.ClientError, RuntimeError):
+        await origin.close(code=code)

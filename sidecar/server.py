@@ -1,0 +1,87 @@
+"""Running the sidecar: the public and admin listeners in one event loop, signals, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+from collections.abc import Coroutine
+from typing import Any
+
+from aiohttp import web
+
+from sidecar import __version__
+from sidecar.app import DRAINING, build_admin_app, build_app
+from sidecar.config import Config
+from sidecar.logs import fields
+
+log = logging.getLogger("sidecar")
+
+
+def _ssl_context(config: Config) -> ssl.SSLContext | None:
+    tls = config.listen.tls
+    if tls is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls.cert_file, tls.key_file)
+    return context
+
+
+async def serve(config: Config) -> None:
+    """Serve until SIGTERM or SIGINT, then drain: /readyz turns unready, the listeners stop
+    accepting, in-flight requests get up to ``listen.drain_timeout`` to finish."""
+    app = build_app(config)
+    admin = build_admin_app(app)
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=config.listen.drain_timeout
+    )
+    admin_runner = web.AppRunner(admin, access_log=None, handle_signals=False)
+    await runner.setup()
+    await admin_runner.setup()
+    site = web.TCPSite(
+        runner,
+        config.listen.host,
+        config.listen.port,
+        ssl_context=_ssl_context(config),
+        reuse_port=config.workers > 1 or None,
+        backlog=1024,
+    )
+    await site.start()
+    admin_site = web.TCPSite(admin_runner, config.admin.host, config.admin.port)
+    await admin_site.start()
+    log.info(
+        "sidecar started",
+        extra=fields(
+            version=__version__,
+            listen=f"{config.listen.host}:{config.listen.port}",
+            admin=f"{config.admin.host}:{config.admin.port}",
+            upstream=config.upstream.url,
+        ),
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+        log.info("draining", extra=fields(timeout_s=config.listen.drain_timeout))
+        app[DRAINING].set()
+        await runner.cleanup()
+        await admin_runner.cleanup()
+        log.info("sidecar stopped")
+
+
+def run_until_stopped(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on uvloop when it is installed, else on asyncio's default loop."""
+    try:
+        import uvloop  # optional speed-up
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)

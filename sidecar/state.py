@@ -1,0 +1,22 @@
+"""Typed per-request state shared by the middlewares, the proxy and the request log.
+
+Each key is written by one stage and read by later ones; the owning stage is named below.
+"""
+
+from aiohttp import web
+
+from sidecar.decision import Decision
+from sidecar.net.client_ip import IpAddress
+
+#: The client address the pipeline acts on (written by the client-IP middleware; until it
+#: runs, the TCP peer). ``None`` when it could not be determined.
+CLIENT_IP = web.RequestKey[IpAddress | None]("sidecar.client_ip")
+
+#: How the request was answered (written by whichever stage answered it).
+DECISION = web.RequestKey("sidecar.decision", Decision)
+
+#: The upstream's status code, when the request reached the upstream (written by the proxy).
+UPSTREAM_STATUS = web.RequestKey("sidecar.upstream_status", int)
+
+#: Why a request was refused, for the log line (e.g. the matching rule, a parse failure).
+REASON = web.RequestKey("sidecar.reason", str)
