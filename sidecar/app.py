@@ -74,7 +74,7 @@ def build_app(config: Config, *, metrics: Metrics | None = None) -> web.Applicat
         max_body_size=config.listen.max_body_size,
         secure_listener=config.listen.tls is not None,
     )
-    app.router.add_route("*", "/{tail:.*}", proxy)
+    app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app
 
 

@@ -303,7 +303,7 @@ class Proxy:
         headers["Via"] = VIA
         return headers
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         target = request.rel_url.raw_path_qs
         if not target.startswith("/"):
             return web.Response(status=400, text="bad request target\n")
