@@ -169,20 +169,20 @@ def _forwarded_for(element: str) -> IpAddress | Unresolved:
         name, eq, raw = pair.partition("=")
         name = name.strip()
         if not eq or _TOKEN.fullmatch(name) is None:
-            return Unresolved(f"malformed Forwarded element {_show(element)}")
+            return Unresolved(f"malformed Forwarded element {_show(element.strip())}")
         if name.lower() != "for":
             continue  # by=, host=, proto= and extensions (RFC 7239 §5.5) do not matter here
         if value is not None:
             # RFC 7239 §4: each parameter MUST NOT occur more than once per element.
-            return Unresolved(f"Forwarded element repeats for= {_show(element)}")
+            return Unresolved(f"Forwarded element repeats for= {_show(element.strip())}")
         raw = raw.strip()
         if raw.startswith('"'):
             if _QUOTED_VALUE.fullmatch(raw) is None:
-                return Unresolved(f"malformed Forwarded element {_show(element)}")
+                return Unresolved(f"malformed Forwarded element {_show(element.strip())}")
             raw = _QUOTED_PAIR.sub(r"\1", raw[1:-1])
         value = raw
     if value is None:
-        return Unresolved(f"Forwarded element without for= {_show(element)}")
+        return Unresolved(f"Forwarded element without for= {_show(element.strip())}")
     # RFC 7239 §6: node = nodename [ ":" node-port ]; nodename may be "unknown" (§6.2) or an
     # obfuscated identifier "_..." (§6.3). Neither names an address: the hop is not known, so
     # nothing to its left can be vouched for either.
@@ -266,8 +266,9 @@ def resolve_client_ip(
         for entry in reversed(entries):
             addr = parse_ip(entry)
             if addr is None:
-                if entry.strip():
-                    return Unresolved(f"malformed {name} entry {_show(entry)}")
+                shown = entry.strip()
+                if shown:
+                    return Unresolved(f"malformed {name} entry {_show(shown)}")
                 return Unresolved(f"empty {name} entry")
             if addr not in trusted:
                 return addr

@@ -15,9 +15,10 @@ from typing import Final, Literal
 from sidecar.decision import Decision
 from sidecar.net.client_ip import IpAddress, IpNetwork
 
-# IPv4 and IPv6 share one sorted key space: an IPv6 address is its own 128-bit integer, an
-# IPv4 address sits above all of them at 2**128 + its 32-bit integer. One bisect covers both.
-_V4_BASE: Final = 1 << 128
+# IPv4 and IPv6 share one sorted key space: an IPv4 address is its own 32-bit integer, an
+# IPv6 address sits above all of them at 2**32 + its 128-bit integer. One bisect covers both,
+# and the many IPv4 keys stay small integers.
+_V6_BASE: Final = 1 << 32
 # ::ffff:0:0/96, the IPv4-mapped block (RFC 4291 §2.5.5.2), as integers.
 _MAPPED_PREFIX: Final = 0xFFFF << 32
 _MAPPED_END: Final = _MAPPED_PREFIX + (1 << 32)
@@ -26,11 +27,11 @@ _MAPPED_END: Final = _MAPPED_PREFIX + (1 << 32)
 def _key(ip: IpAddress) -> int:
     """The address's place in the shared key space; IPv4-mapped IPv6 lands on its IPv4 key."""
     if isinstance(ip, ipaddress.IPv4Address):
-        return _V4_BASE + int(ip)
+        return int(ip)
     value = int(ip)  # the zone id, if any, is not part of the integer
     if _MAPPED_PREFIX <= value < _MAPPED_END:
-        return _V4_BASE + value - _MAPPED_PREFIX
-    return value
+        return value - _MAPPED_PREFIX
+    return _V6_BASE + value
 
 
 def _span(network: IpNetwork) -> tuple[int, int]:
@@ -42,9 +43,10 @@ def _span(network: IpNetwork) -> tuple[int, int]:
     if not isinstance(network, ipaddress.IPv4Network | ipaddress.IPv6Network):
         raise TypeError(f"expected an IPv4Network or IPv6Network, got {network!r}")
     # A network's address has its host bits clear, so it lies inside the mapped block only
-    # when the whole network does (prefix length 96 or more).
+    # when the whole network does (prefix length 96 or more). The size is computed rather
+    # than read from num_addresses, which caches extra objects on the caller's network.
     first = _key(network.network_address)
-    return first, first + network.num_addresses - 1
+    return first, first + (1 << (network.max_prefixlen - network.prefixlen)) - 1
 
 
 class CidrSet:
@@ -58,8 +60,8 @@ class CidrSet:
     * :meth:`matching_rule` returns the most specific configured network containing ``ip``,
       the object as it was passed in (so ``::ffff:10.0.0.0/104`` stays that, although it
       matches as ``10.0.0.0/8``). Two networks that cover the same addresses: the first wins.
-    * ``len(s)`` counts the distinct networks as passed in (exact duplicates once; the
-      mapped and the plain IPv4 spelling of one network count as two).
+    * ``len(s)`` counts distinct networks after normalization: duplicates, and the mapped
+      and plain IPv4 spellings of one network, count once.
 
     How: CIDR blocks either nest or are disjoint, so the key line splits into disjoint
     segments, each owned by the innermost network covering it (or by none). One sorted list
@@ -74,9 +76,7 @@ class CidrSet:
 
     def __init__(self, networks: Iterable[IpNetwork]) -> None:
         by_span: dict[tuple[int, int], IpNetwork] = {}
-        distinct: set[IpNetwork] = set()
         for network in networks:
-            distinct.add(network)
             by_span.setdefault(_span(network), network)
 
         starts: list[int] = [0]
@@ -93,7 +93,9 @@ class CidrSet:
 
         # Sorted by start, then widest first: an enclosing network comes before what it holds.
         open_: list[tuple[int, IpNetwork]] = []  # (last key, rule), innermost on top
-        for (first, last), rule in sorted(by_span.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        # The spans are distinct, so the tuples never compare their third items.
+        for first, neg_last, rule in sorted((f, -la, r) for (f, la), r in by_span.items()):
+            last = -neg_last
             while open_ and open_[-1][0] < first:
                 end, _ = open_.pop()
                 begin(end + 1, open_[-1][1] if open_ else None)
@@ -105,14 +107,14 @@ class CidrSet:
 
         self._starts = starts
         self._rules = rules
-        self._count = len(distinct)
+        self._count = len(by_span)
 
     def _segment(self, ip: IpAddress) -> int:
         """Index of the segment holding ``ip``; ``_starts[0] == 0`` so it is never -1."""
         return bisect_right(self._starts, _key(ip)) - 1
 
     def __contains__(self, ip: IpAddress) -> bool:
-        return self._rules[self._segment(ip)] is not None
+        return self._rules[bisect_right(self._starts, _key(ip)) - 1] is not None
 
     def matching_rule(self, ip: IpAddress) -> IpNetwork | None:
         """The most specific configured network containing ``ip``, or None. O(log n)."""
@@ -171,9 +173,7 @@ class IpGate:
             self._allow_verdicts = tuple(
                 _NOT_ALLOWLISTED
                 if rule is None
-                else verdicts.setdefault(
-                    id(rule), GateVerdict(Decision.ALLOWED, rule, "allowlist")
-                )
+                else verdicts.setdefault(id(rule), GateVerdict(Decision.ALLOWED, rule, "allowlist"))
                 for rule in self.allowlist._rules
             )
         else:
@@ -181,12 +181,15 @@ class IpGate:
 
     def decide(self, ip: IpAddress) -> GateVerdict:
         """The gate's verdict for ``ip``. O(log n); allocates only for a denial."""
-        denied = self.denylist.matching_rule(ip)
+        # Inlined lookups (see CidrSet._segment): this runs on every request.
+        key = _key(ip)
+        deny = self.denylist
+        denied = deny._rules[bisect_right(deny._starts, key) - 1]
         if denied is not None:
             return GateVerdict(Decision.DENIED_IP, denied, "denylist")
         if not self._allow_verdicts:
             return _UNRESTRICTED
-        return self._allow_verdicts[self.allowlist._segment(ip)]
+        return self._allow_verdicts[bisect_right(self.allowlist._starts, key) - 1]
 
     def __repr__(self) -> str:
         return f"<IpGate allowlist={len(self.allowlist)} denylist={len(self.denylist)}>"
