@@ -2,37 +2,59 @@
 
 The pipeline, outermost first (DESIGN "What it is"):
 
-0. request log + metrics            (every request, whatever answers it)
-1. client IP                        (trusted proxies, forwarded headers)
-2. IP gate                          (denylist, then allowlist; before any identity work)
-3. sidecar routes under mfa.path_prefix   (issue #4: setup, verify, security, audit)
-4. identity                         (issue #4: introspect | headers | jwt)
-5. MFA gate                         (issue #4)
-6. proxy                            (the catch-all route: everything else goes upstream)
+0. request log + metrics       every request, whatever answers it
+1. client IP                   trusted proxies, forwarded headers
+2. IP gate                     denylist, then allowlist; before any identity work
+   canonical path              non-canonical paths are redirected (no exemption tricks)
+   session                     aiohttp-session: the sidecar's encrypted cookie, loaded lazily
+4. identity                    introspect | headers | jwt (exempt paths skip it)
+5. MFA gate                    policy, grace, verification; sidecar routes pass
+3. sidecar routes              under mfa.path_prefix: pages and JSON API (router, first)
+6. proxy                       the catch-all route: everything else goes upstream
+
+Long-lived parts are created in one cleanup context, in dependency order: the store (migrated
+at start), the live settings (loaded, then polled), the identity provider, the upstream pool.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp_session import session_middleware
 
 from sidecar.audit import AuditLog
 from sidecar.config import Config
+from sidecar.identity.base import IdentityProvider, build_identity_provider
+from sidecar.identity.headers import identity_header_names
 from sidecar.live import LiveSettings, NetworkPolicy
 from sidecar.metrics import Metrics
+from sidecar.mfa.routes import Handlers, add_routes
+from sidecar.mfa.service import MfaMetrics, MfaService
+from sidecar.mfa.session import RotatingCookieStorage
+from sidecar.middleware.canonical_path import canonical_path_middleware
 from sidecar.middleware.client_ip import client_ip_middleware
+from sidecar.middleware.identity import identity_middleware
 from sidecar.middleware.ip_gate import ip_gate_middleware
+from sidecar.middleware.mfa_gate import mfa_gate_middleware
 from sidecar.middleware.request_log import request_log_middleware
 from sidecar.proxy import AiohttpUpstream, Proxy, UpstreamTransport
+from sidecar.settings import SettingsService, networks
+from sidecar.store import open_store
+from sidecar.store.base import SecuritySettings, Store, StoreUnavailable
 
 CONFIG = web.AppKey("sidecar.config", Config)
 METRICS = web.AppKey("sidecar.metrics", Metrics)
 LIVE = web.AppKey("sidecar.live", LiveSettings)
 AUDIT = web.AppKey("sidecar.audit", AuditLog)
 UPSTREAM = web.AppKey[UpstreamTransport]("sidecar.upstream")
+STORE = web.AppKey[Store]("sidecar.store")
+SETTINGS = web.AppKey("sidecar.settings", SettingsService)
+MFA = web.AppKey("sidecar.mfa", MfaService)
+IDENTITY_PROVIDER = web.AppKey[IdentityProvider]("sidecar.identity_provider")
 #: Set when the process is draining (SIGTERM): /readyz answers 503 from then on.
 DRAINING = web.AppKey("sidecar.draining", asyncio.Event)
 
@@ -41,38 +63,92 @@ DRAINING = web.AppKey("sidecar.draining", asyncio.Event)
 _OWN_ROUTES_MAX_BODY = 1024**2
 
 
-def build_app(config: Config, *, metrics: Metrics | None = None) -> web.Application:
-    """The public application: the whole request pipeline for one config."""
+def build_app(
+    config: Config, *, metrics: Metrics | None = None, store: Store | None = None
+) -> web.Application:
+    """The public application: the whole request pipeline for one config.
+
+    ``store`` is opened from ``storage.url`` unless given (tests pass one to share it).
+    """
     metrics = metrics or Metrics()
     live = LiveSettings(NetworkPolicy.build(config))
     audit = AuditLog(config.audit.file, metrics.registry)
-    app = web.Application(
-        middlewares=[
+    store = store or open_store(config.storage.url, config.storage.encryption_key)
+    mfa_metrics = MfaMetrics(metrics.registry)
+    service = MfaService(store=store, config=config, audit=audit, metrics=mfa_metrics)
+    app = web.Application(client_max_size=_OWN_ROUTES_MAX_BODY)
+
+    def settings_changed(settings: SecuritySettings) -> None:
+        swap_network_policy(
+            app,
+            NetworkPolicy.build(
+                config,
+                allowlist=networks(settings.ip_allowlist),
+                denylist=networks(settings.ip_denylist),
+            ),
+        )
+        live.loaded = True
+
+    settings = SettingsService(store, config, settings_changed)
+    provider = build_identity_provider(config)
+    session_storage = RotatingCookieStorage(
+        list(config.mfa.session.secret_keys),
+        cookie_name=config.mfa.session.cookie_name,
+        max_age=int(config.mfa.verify_every),
+        secure=config.mfa.session.secure,
+    )
+    app.middlewares.extend(
+        [
             request_log_middleware(metrics=metrics),
             client_ip_middleware(live=live),
             ip_gate_middleware(live=live, audit=audit),
-        ],
-        client_max_size=_OWN_ROUTES_MAX_BODY,
+            canonical_path_middleware(),
+            session_middleware(session_storage),
+            identity_middleware(
+                provider=provider,
+                prefix=config.mfa.path_prefix,
+                exempt_paths=list(config.mfa.exempt_paths),
+            ),
+            mfa_gate_middleware(config=config, settings=settings, service=service),
+        ]
     )
     app[CONFIG] = config
     app[METRICS] = metrics
     app[LIVE] = live
     app[AUDIT] = audit
+    app[STORE] = store
+    app[SETTINGS] = settings
+    app[MFA] = service
+    app[IDENTITY_PROVIDER] = provider
     app[DRAINING] = asyncio.Event()
     _count_ip_rules(metrics, live)
 
-    async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        try:
+            await store.migrate()
+            await settings.load()
+        except StoreUnavailable as exc:
+            # Keep serving: requests needing the store are refused (fail closed) until the
+            # background loop reaches it.
+            logging.getLogger("sidecar").error("store unavailable at start: %s", exc)
+        settings.start()
         app[UPSTREAM] = AiohttpUpstream(config)
         yield
+        await settings.stop()
         await app[UPSTREAM].close()
+        await provider.close()
+        await store.close()
         audit.close()
 
-    app.cleanup_ctx.append(upstream_ctx)
+    app.cleanup_ctx.append(lifecycle)
+    add_routes(app, Handlers(config=config, service=service, settings=settings))
     proxy = Proxy(
         transport=lambda: app[UPSTREAM],
         metrics=metrics,
         max_body_size=config.listen.max_body_size,
         secure_listener=config.listen.tls is not None,
+        session_cookie=config.mfa.session.cookie_name,
+        identity_headers=identity_header_names(config),
     )
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app

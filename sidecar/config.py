@@ -10,6 +10,7 @@ typo in a security setting must never be silently ignored.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit
 import yaml
 from cryptography.fernet import Fernet
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -43,9 +45,12 @@ class ConfigError(Exception):
 
 # --- value parsers -------------------------------------------------------------------------
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+# ASCII digits only (``\d`` would also take other scripts' digits). Sizes stop at 20 digits so
+# that int() never meets Python's 4300-digit limit, a ValueError instead of our message.
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)", re.ASCII)
+_BARE_NUMBER = re.compile(r"\d+(?:\.\d+)?", re.ASCII)
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_SIZE = re.compile(r"(\d+)\s*(b|kb|kib|mb|mib|gb|gib)?", re.IGNORECASE)
+_SIZE = re.compile(r"(\d{1,20})\s*(b|kb|kib|mb|mib|gb|gib)?", re.IGNORECASE | re.ASCII)
 _SIZE_UNITS = {
     None: 1,
     "b": 1,
@@ -69,21 +74,41 @@ def _conflict(message: str) -> PydanticCustomError:
 
 
 def parse_duration(value: object) -> float:
-    """``90s``, ``15m``, ``72h``, ``7d``, ``1h30m``, ``250ms`` or a number of seconds."""
+    """``90s``, ``15m``, ``72h``, ``7d``, ``1h30m``, ``250ms`` or a number of seconds.
+
+    A number may also come as a string (``${TIMEOUT}`` expands to one). Infinite and NaN
+    (YAML ``.inf``, ``.nan``) are refused: every later comparison with them misbehaves.
+    """
     if isinstance(value, bool):
         raise _bad("is not a duration (use e.g. 90s, 15m, 72h, 7d)")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip().lower()
-        parts = _DURATION_PART.findall(text)
-        if not parts or "".join(n + u for n, u in parts) != text:
+    try:
+        if isinstance(value, int | float):
+            seconds = float(value)
+        elif isinstance(value, str):
+            text = value.strip().lower()
+            if _BARE_NUMBER.fullmatch(text):
+                seconds = float(text)
+            else:
+                parts = _DURATION_PART.findall(text)
+                if not parts or "".join(n + u for n, u in parts) != text:
+                    raise _bad("is not a duration (use e.g. 90s, 15m, 72h, 7d)")
+                seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+        else:
             raise _bad("is not a duration (use e.g. 90s, 15m, 72h, 7d)")
-        seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
-    else:
+    except OverflowError:  # float(10**400)
+        raise _bad("is too long a duration") from None
+    if math.isnan(seconds):
         raise _bad("is not a duration (use e.g. 90s, 15m, 72h, 7d)")
+    if math.isinf(seconds):
+        raise _bad("is too long a duration")
     if seconds < 0:
         raise _bad("must not be negative")
+    return seconds
+
+
+def _positive(seconds: float) -> float:
+    if seconds <= 0:
+        raise _bad("must be more than zero")
     return seconds
 
 
@@ -133,6 +158,9 @@ def parse_fernet_key(value: object) -> str:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+# For timeouts and lockout windows, where 0 would silently mean "never" (aiohttp treats a zero
+# timeout as no timeout; a zero lockout window never counts two failures together).
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_positive)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 Cidr = Annotated[IpNetwork, BeforeValidator(parse_cidr)]
 FernetKey = Annotated[str, BeforeValidator(parse_fernet_key)]
@@ -179,8 +207,8 @@ class Admin(_Section):
 
 class Upstream(_Section):
     url: str = "http://127.0.0.1:3000"
-    connect_timeout: Duration = 5.0
-    read_timeout: Duration = 60.0
+    connect_timeout: PositiveDuration = 5.0
+    read_timeout: PositiveDuration = 60.0
     max_connections: Annotated[int, Field(ge=1, le=100_000)] = 100
 
     @field_validator("url")
@@ -213,7 +241,7 @@ class Introspect(_Section):
     role_field: str = "role"
     cache_ttl: Duration = 30.0
     cache_size: Annotated[int, Field(ge=1)] = 10_000
-    timeout: Duration = 5.0
+    timeout: PositiveDuration = 5.0
 
     @field_validator("path")
     @classmethod
@@ -252,7 +280,7 @@ class Identity(_Section):
     @model_validator(mode="after")
     def _jwt_has_key(self) -> Identity:
         if self.source == "jwt" and not (self.jwt.key or self.jwt.key_file):
-            raise _conflict("identity.source is jwt but neither jwt.key nor jwt.key_file is set")
+            raise _conflict("source is jwt but neither jwt.key nor jwt.key_file is set")
         return self
 
 
@@ -266,8 +294,8 @@ class Security(_Section):
 
 class Lockout(_Section):
     max_failures: Annotated[int, Field(ge=1)] = 5
-    window: Duration = 15 * 60.0
-    ban: Duration = 15 * 60.0
+    window: PositiveDuration = 15 * 60.0
+    ban: PositiveDuration = 15 * 60.0
 
 
 class Session(_Section):
@@ -289,7 +317,7 @@ class Mfa(_Section):
     ]
     exempt_paths: list[str] = ["/logout", "/static/"]
     enforce_on_tokens: bool = False
-    verify_every: Duration = 12 * 3600.0
+    verify_every: PositiveDuration = 12 * 3600.0
     lockout: Lockout = Lockout()
     session: Session
 
@@ -377,6 +405,15 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node)
+        try:
+            hash(key)
+        except TypeError:  # `? [a, b]: c` would otherwise escape as a TypeError
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                "a key must be a plain value, not a list or mapping",
+                key_node.start_mark,
+            ) from None
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark
@@ -412,18 +449,18 @@ def format_path(loc: tuple[str | int, ...]) -> str:
 
 
 def _expand_env(
-    node: object, env: Mapping[str, str], loc: tuple[str | int, ...], errors: dict[str, str]
+    node: object, env: Mapping[str, str], loc: tuple[str | int, ...], unset: dict[str, list[str]]
 ) -> object:
     if isinstance(node, dict):
-        return {k: _expand_env(v, env, (*loc, str(k)), errors) for k, v in node.items()}
+        return {k: _expand_env(v, env, (*loc, str(k)), unset) for k, v in node.items()}
     if isinstance(node, list):
-        return [_expand_env(v, env, (*loc, i), errors) for i, v in enumerate(node)]
+        return [_expand_env(v, env, (*loc, i), unset) for i, v in enumerate(node)]
     if isinstance(node, str) and "${" in node:
 
         def substitute(match: re.Match[str]) -> str:
             name = match.group(1)
             if name not in env:
-                errors[format_path(loc)] = f"environment variable {name} is not set"
+                unset.setdefault(format_path(loc), []).append(name)
                 return match.group(0)
             return env[name]
 
@@ -443,9 +480,48 @@ def _apply_env_defaults(data: dict[str, Any], env: Mapping[str, str]) -> None:
                 section[path[-1]] = [env[var]] if as_list else env[var]
 
 
-def _describe(error: Mapping[str, Any]) -> str:
+def _yaml_loc(data: object, loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
+    """The YAML path of a pydantic error location, without pydantic's own tags.
+
+    A part that is a key (or index) in the document is kept whatever it looks like, so an
+    unknown key ``a[1]`` is named; other parts holding ``[`` are tags such as ``[key]`` or
+    ``function-after[...]`` and are dropped.
+    """
+    out: list[str | int] = []
+    node: object = data
+    for part in loc:
+        if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            out.append(part)
+            node = node[part]
+        elif isinstance(node, dict) and part in node:
+            out.append(str(part))  # a YAML key such as `1:` is a name here, not an index
+            node = node[part]
+        elif isinstance(part, str) and "[" in part:
+            continue
+        else:
+            out.append(part)
+            node = None
+    return tuple(out)
+
+
+# Values at these paths never appear in messages: they end up on terminals and, for a refused
+# reload, in logs.
+_SECRET_PATHS = ("mfa.session.secret_keys", "storage.encryption_key", "identity.jwt.key")
+_SHOW_MAX = 60
+
+
+def _is_secret(path: str) -> bool:
+    return any(path == p or path.startswith((p + "[", p + ".")) for p in _SECRET_PATHS)
+
+
+def _show(value: object) -> str:
+    """The bad value as written, cut short so a whole section never floods the output."""
+    text = repr(value)
+    return text if len(text) <= _SHOW_MAX else text[: _SHOW_MAX - 3] + "..."
+
+
+def _describe(error: Mapping[str, Any], *, secret: bool = False) -> str:
     kind = error["type"]
-    value = error.get("input")
     if kind == "extra_forbidden":
         return "unknown key"
     if kind == "missing":
@@ -453,10 +529,12 @@ def _describe(error: Mapping[str, Any]) -> str:
     message = str(error["msg"])
     if kind == "conflict":
         return message
-    shown = type(value).__name__ if isinstance(value, dict | list) else repr(value)
-    if kind == "bad_value":
-        return f"{shown} {message}"
-    return f"{shown}: {message[0].lower()}{message[1:]}"
+    if kind != "bad_value":
+        message = f"{message[0].lower()}{message[1:]}"
+    if secret:
+        return message
+    shown = _show(error.get("input"))
+    return f"{shown} {message}" if kind == "bad_value" else f"{shown}: {message}"
 
 
 def _secret_hint(path: str) -> str:
@@ -474,19 +552,23 @@ def parse_config(data: object, env: Mapping[str, str] | None = None) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(["(top level): must be a mapping of sections such as listen:, mfa:"])
-    env_errors: dict[str, str] = {}
+    env_errors: dict[str, list[str]] = {}
     expanded = cast(dict[str, Any], _expand_env(data, env, (), env_errors))
     _apply_env_defaults(expanded, env)
-    problems = [f"{path}: {message}" for path, message in env_errors.items()]
+    problems = [
+        f"{path}: environment variable {names[0]} is not set"
+        if len(names) == 1
+        else f"{path}: environment variables {', '.join(names)} are not set"
+        for path, names in env_errors.items()
+    ]
     try:
         config = Config.model_validate(expanded)
     except ValidationError as exc:
         for error in exc.errors():
-            loc = tuple(p for p in error["loc"] if not isinstance(p, str) or "[" not in p)
-            path = format_path(loc)
+            path = format_path(_yaml_loc(expanded, error["loc"]))
             if any(path == p or path.startswith(p + "[") for p in env_errors):
                 continue  # already reported as a missing variable
-            line = f"{path}: {_describe(error)}"
+            line = f"{path}: {_describe(error, secret=_is_secret(path))}"
             if error["type"] == "missing":
                 line += _secret_hint(path)
             problems.append(line)
@@ -507,9 +589,16 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
         raise ConfigError([f"{source}: is not UTF-8 text"]) from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.reader.ReaderError as exc:  # a control character; it has a position, no mark
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        problem = f"character {chr(exc.character)!r} is not allowed"
+        raise ConfigError([f"{source}:{line}:{column}: invalid YAML: {problem}"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else str(source)
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"{where}: invalid YAML: {problem}"]) from None
+    except RecursionError:  # PyYAML composes recursively
+        raise ConfigError([f"{source}: invalid YAML: nested too deeply"]) from None
     return parse_config(data, env)

@@ -46,6 +46,9 @@ class LiveSettings:
 
     def __init__(self, network: NetworkPolicy) -> None:
         self.network = network
+        #: False until the store-held lists were loaded once; until then requests are
+        #: refused rather than judged by possibly stale YAML lists.
+        self.loaded = False
 
     def swap_network(self, network: NetworkPolicy) -> None:
         self.network = network

@@ -35,8 +35,9 @@ from yarl import URL
 
 from sidecar.config import Config
 from sidecar.decision import Decision
+from sidecar.identity.base import without_cookie
 from sidecar.metrics import Metrics
-from sidecar.state import CLIENT_IP, DECISION, REASON, UPSTREAM_STATUS
+from sidecar.state import CLIENT_IP, DECISION, PEER_TRUSTED, REASON, UPSTREAM_STATUS
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -281,14 +282,29 @@ class Proxy:
         metrics: Metrics,
         max_body_size: int,
         secure_listener: bool,
+        session_cookie: str,
+        identity_headers: frozenset[str],
     ) -> None:
         self._transport = transport
+        self._session_cookie = session_cookie
+        self._session_cookie_marker = session_cookie + "="
+        self._identity_headers = identity_headers
         self._metrics = metrics
         self._max_body_size = max_body_size
         self._scheme = "https" if secure_listener else "http"
 
     def _upstream_headers(self, request: web.Request, drop: frozenset[str]) -> CIMultiDict[str]:
+        if not request.get(PEER_TRUSTED, False):
+            # Identity headers are believed only from a trusted auth proxy; from anyone else
+            # they are removed so the console cannot be fooled by them either.
+            drop = drop | self._identity_headers
         headers = end_to_end_headers(request.headers, drop)
+        cookies = headers.getall("Cookie", ())
+        if any(self._session_cookie_marker in line for line in cookies):
+            # The sidecar's own session cookie is none of the console's business.
+            del headers["Cookie"]
+            for line in without_cookie(cookies, self._session_cookie):
+                headers.add("Cookie", line)
         client_ip = request.get(CLIENT_IP)
         # One trustworthy address: the client the pipeline resolved (entries left of it in
         # a forwarded chain are attacker-written and are not passed on).

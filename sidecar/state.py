@@ -6,6 +6,7 @@ Each key is written by one stage and read by later ones; the owning stage is nam
 from aiohttp import web
 
 from sidecar.decision import Decision
+from sidecar.identity.base import Identity
 from sidecar.net.client_ip import IpAddress
 
 #: The client address the pipeline acts on (written by the client-IP middleware; until it
@@ -20,3 +21,10 @@ UPSTREAM_STATUS = web.RequestKey("sidecar.upstream_status", int)
 
 #: Why a request was refused, for the log line (e.g. the matching rule, a parse failure).
 REASON = web.RequestKey("sidecar.reason", str)
+
+#: Whether the TCP peer is in network.trusted_proxies (written by the client-IP middleware).
+PEER_TRUSTED = web.RequestKey("sidecar.peer_trusted", bool)
+
+#: Who the console says is calling (written by the identity middleware; None = anonymous).
+#: Absent when the identity stage did not run (exempt paths).
+IDENTITY = web.RequestKey[Identity | None]("sidecar.identity")

@@ -14,14 +14,16 @@ from aiohttp.typedefs import Handler, Middleware
 
 from sidecar.decision import Decision
 from sidecar.live import LiveSettings
-from sidecar.net import Unresolved, resolve_client_ip
-from sidecar.state import CLIENT_IP, DECISION, REASON
+from sidecar.net import Unresolved, parse_ip, resolve_client_ip
+from sidecar.state import CLIENT_IP, DECISION, PEER_TRUSTED, REASON
 
 
 def client_ip_middleware(*, live: LiveSettings) -> Middleware:
     @web.middleware
     async def client_ip(request: web.Request, handler: Handler) -> web.StreamResponse:
         policy = live.network
+        peer = parse_ip(request.remote) if request.remote else None
+        request[PEER_TRUSTED] = peer is not None and peer in policy.trusted_proxies
         resolved = resolve_client_ip(
             request.remote,
             request.headers.getall(policy.client_ip_header.value, ()),

@@ -13,6 +13,7 @@ import time
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from sidecar.answers import unavailable
 from sidecar.audit import AuditLog, OncePerWindow
 from sidecar.decision import Decision
 from sidecar.live import LiveSettings
@@ -33,6 +34,14 @@ def ip_gate_middleware(*, live: LiveSettings, audit: AuditLog) -> Middleware:
         if ip is None:  # pragma: no cover - the client-ip stage refuses these first
             return await handler(request)
         policy = live.network
+        if not live.loaded:
+            # The store-held lists were never loaded: refuse rather than judge by YAML
+            # lists that the Security page may have changed since.
+            request[DECISION] = Decision.STORE_UNAVAILABLE
+            request[REASON] = "IP lists not loaded from the store yet"
+            return unavailable(
+                request, "store_unavailable", "Security checks are unavailable right now."
+            )
         verdict = policy.gate.decide(ip)
         if verdict.decision is Decision.ALLOWED:
             return await handler(request)

@@ -1,0 +1,212 @@
+"""Who is calling (DESIGN pipeline step 4): the contract every identity source implements.
+
+A provider answers one of three ways, and callers must keep them apart:
+
+* an :class:`Identity`: the console (or the auth proxy, or a signed token) vouches for a user;
+* ``None`` (:data:`ANONYMOUS`): no credentials, or credentials the console refuses;
+* :class:`IdentityUnavailable`: no decision can be made now. Callers fail closed (503).
+  "Anonymous" would be wrong here: anonymous requests skip the MFA gate, so treating an
+  outage or an ambiguous request as anonymous would let a logged-in user through unchecked.
+
+The helpers below are shared by the sources: credential hashing, role choice, field lookup.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final, Protocol
+
+import aiohttp
+from multidict import CIMultiDictProxy
+
+if TYPE_CHECKING:
+    from sidecar.config import Config
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """A user the identity source vouches for.
+
+    ``via_token``: authenticated by ``Authorization: Bearer`` (an API client) rather than a
+    browser session; such requests skip the MFA gate unless ``mfa.enforce_on_tokens``.
+
+    ``credential_hash``: SHA-256 over the credentials that proved this identity. The sidecar
+    binds its own session to it so that a console logout (new credentials) also ends the
+    sidecar's verification. It is as good as a password hash for replay purposes inside the
+    sidecar: never log it (it is left out of ``repr``).
+    """
+
+    user_id: str
+    email: str | None
+    role: str | None
+    via_token: bool
+    credential_hash: bytes = field(repr=False)
+
+
+ANONYMOUS: Final = None
+"""What providers return for "no user": no credentials, or credentials that were refused."""
+
+
+class IdentityUnavailable(Exception):
+    """The identity cannot be decided now (console down, timeout, bad answer, ambiguity).
+
+    The message says why, for logs; it never contains credentials.
+    """
+
+
+class IdentityProvider(Protocol):
+    """One identity source. Implementations are safe for concurrent use on one event loop."""
+
+    async def identify(self, headers: CIMultiDictProxy[str], peer_trusted: bool) -> Identity | None:
+        """The caller's identity from the request ``headers``.
+
+        ``peer_trusted``: the TCP peer is in ``network.trusted_proxies`` (only the headers
+        source uses it). Raises :class:`IdentityUnavailable` when no decision can be made.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Release connections and cancel work in flight."""
+        ...
+
+
+def is_privileged(identity: Identity, admin_roles: Sequence[str]) -> bool:
+    """Whether the identity's role is one of ``admin_roles``, compared case-insensitively."""
+    if identity.role is None:
+        return False
+    role = identity.role.casefold()
+    return any(role == admin.casefold() for admin in admin_roles)
+
+
+def credential_hash(*groups: Sequence[str]) -> bytes:
+    """SHA-256 over groups of strings, framed so that no two different inputs collide.
+
+    JSON gives the framing: ``(["a;b"], [])`` and ``(["a", "b"], [])`` and
+    ``(["a"], ["b"])`` encode differently. ``ensure_ascii`` keeps lone surrogates (header
+    bytes aiohttp decoded with ``surrogateescape``) encodable.
+    """
+    encoded = json.dumps([list(group) for group in groups], ensure_ascii=True)
+    return hashlib.sha256(encoded.encode("ascii")).digest()
+
+
+def choose_role(value: object, admin_roles: Sequence[str]) -> str | None:
+    """The role to act on from a role field that may be one string or a list of them.
+
+    A list yields its first privileged entry (so an admin who is also a member is treated as
+    an admin, the stricter MFA policy), else its first entry. Non-strings and empty strings
+    are ignored.
+    """
+    if isinstance(value, str):
+        return value or None
+    if not isinstance(value, list | tuple):
+        return None
+    roles = [item for item in value if isinstance(item, str) and item]
+    admins = {admin.casefold() for admin in admin_roles}
+    for role in roles:
+        if role.casefold() in admins:
+            return role
+    return roles[0] if roles else None
+
+
+_MISSING: Final = object()
+
+
+def lookup_field(document: Mapping[str, object], name: str) -> object:
+    """The value at ``name`` in a JSON object, or None.
+
+    ``name`` is first tried as one key (claims such as ``https://example.com/roles`` contain
+    dots), then as a dot path into nested objects (``user.id``).
+    """
+    if name in document:
+        return document[name]
+    node: object = document
+    for part in name.split("."):
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(part, _MISSING)
+        if node is _MISSING:
+            return None
+    return node
+
+
+def user_id_from(value: object) -> str | None:
+    """A usable user id: a non-empty string or an integer (not a bool), as a string."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str) and value.strip():
+        return value
+    return None
+
+
+def string_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def bearer_token(value: str) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` value, else None.
+
+    The scheme is case-insensitive (RFC 9110 §11.1, RFC 6750 §2.1).
+    """
+    scheme, _, token = value.strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def cookie_pairs(line: str) -> list[tuple[str, str]]:
+    """``(name, value)`` pairs of one ``Cookie`` line (RFC 6265 §4.2.1: ``a=1; b=2``).
+
+    A cookie value cannot contain ``;`` (RFC 6265 §4.1.1, even quoted), so splitting on it
+    is exact for what browsers send. Pairs without ``=`` are skipped.
+    """
+    pairs = []
+    for part in line.split(";"):
+        name, equals, value = part.partition("=")
+        if equals and name.strip():
+            pairs.append((name.strip(), value.strip()))
+    return pairs
+
+
+def without_cookie(lines: Sequence[str], name: str | None) -> list[str]:
+    """The ``Cookie`` lines without the cookie ``name`` (and without blank lines).
+
+    Lines that do not carry ``name`` are kept byte for byte; a line left empty is dropped.
+    """
+    out = []
+    for line in lines:
+        if not line.strip():
+            continue
+        parts = line.split(";")
+        kept = [p for p in parts if p.partition("=")[0].strip() != name]
+        if len(kept) == len(parts):
+            out.append(line)
+        elif any(p.strip() for p in kept):
+            out.append("; ".join(p.strip() for p in kept if p.strip()))
+    return out
+
+
+def build_identity_provider(
+    config: Config,
+    session_factory: Callable[[], aiohttp.ClientSession] | None = None,
+) -> IdentityProvider:
+    """The provider for ``config.identity.source``.
+
+    ``session_factory`` makes the HTTP session the introspect source uses (tests inject
+    one); the other sources ignore it. Raises :class:`~sidecar.config.ConfigError` when the
+    JWT key cannot be used with the configured algorithms.
+    """
+    # Imported here: each source module imports this one for the shared types.
+    from sidecar.identity.headers import HeadersProvider
+    from sidecar.identity.introspect import IntrospectProvider
+    from sidecar.identity.jwt import JwtProvider
+
+    source = config.identity.source
+    if source == "introspect":
+        return IntrospectProvider.from_config(config, session_factory=session_factory)
+    if source == "headers":
+        return HeadersProvider.from_config(config)
+    return JwtProvider.from_config(config)

@@ -1,0 +1,139 @@
+"""Identity from an authenticating proxy in front of the sidecar (e.g. oauth2-proxy).
+
+Security assumption: the proxies in ``network.trusted_proxies`` authenticate every request
+and *replace* the identity headers (``identity.headers.user/email/groups``) with their own.
+Headers from any other peer are client-written and never believed; the proxy stage strips
+them (:func:`identity_header_names`, :func:`strip_identity_headers`) so the console does not
+believe them either.
+
+* Untrusted peer, or no user header: anonymous.
+* More than one distinct user (or email) value: :class:`IdentityUnavailable`. The console
+  might pick either one; calling the request anonymous would let it skip the MFA gate.
+* Role: the first group (comma-separated, all lines) in ``identity.admin_roles``, else the
+  first group, else None.
+* ``via_token`` only for ``Authorization: Bearer`` without console cookies, for the same
+  reason as in :mod:`sidecar.identity.introspect`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import Final
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from sidecar.config import Config
+from sidecar.config import IdentityHeaders as HeaderSettings
+from sidecar.identity.base import (
+    Identity,
+    IdentityUnavailable,
+    bearer_token,
+    choose_role,
+    credential_hash,
+    without_cookie,
+)
+
+# What oauth2-proxy can send besides the three configured ones (its --pass-user-headers,
+# --pass-access-token and auth_request --set-xauthrequest modes). Stripped from untrusted
+# peers whatever the source: a console behind the sidecar may believe them too.
+OAUTH2_PROXY_HEADERS: Final = frozenset(
+    {
+        "x-forwarded-user",
+        "x-forwarded-email",
+        "x-forwarded-groups",
+        "x-forwarded-preferred-username",
+        "x-forwarded-access-token",
+        "x-auth-request-user",
+        "x-auth-request-email",
+        "x-auth-request-groups",
+        "x-auth-request-preferred-username",
+        "x-auth-request-access-token",
+    }
+)
+
+
+def identity_header_names(config: Config) -> frozenset[str]:
+    """Lower-case names of identity headers that only a trusted auth proxy may send.
+
+    The configured ``identity.headers`` plus oauth2-proxy's other identity headers,
+    whatever ``identity.source`` is.
+    """
+    settings = config.identity.headers
+    configured = {settings.user, settings.email, settings.groups}
+    return frozenset(name.lower() for name in configured) | OAUTH2_PROXY_HEADERS
+
+
+def strip_identity_headers(headers: CIMultiDict[str], names: Collection[str]) -> list[str]:
+    """Remove every line of the headers in ``names`` (lower-case) from ``headers``, in place.
+
+    Returns the names removed (as the client spelled them, once each) so the caller can log
+    that an untrusted client tried to send identity headers; never their values.
+    """
+    removed: list[str] = []
+    for name in list(headers.keys()):
+        if name.lower() in names and name in headers:
+            headers.popall(name)
+            removed.append(name)
+    return removed
+
+
+class HeadersProvider:
+    """Believes identity headers from trusted peers only; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        settings: HeaderSettings,
+        admin_roles: Sequence[str],
+        own_cookie: str | None = None,
+    ) -> None:
+        self._settings = settings
+        self._admin_roles = tuple(admin_roles)
+        self._own_cookie = own_cookie
+
+    @classmethod
+    def from_config(cls, config: Config) -> HeadersProvider:
+        return cls(
+            settings=config.identity.headers,
+            admin_roles=config.identity.admin_roles,
+            own_cookie=config.mfa.session.cookie_name,
+        )
+
+    async def identify(self, headers: CIMultiDictProxy[str], peer_trusted: bool) -> Identity | None:
+        if not peer_trusted:
+            return None
+        settings = self._settings
+        user = _single_value(headers, settings.user)
+        if user is None:
+            return None
+        email = _single_value(headers, settings.email)
+        groups = [
+            group.strip()
+            for line in headers.getall(settings.groups, ())
+            for group in line.split(",")
+            if group.strip()
+        ]
+        cookies = without_cookie(headers.getall("Cookie", ()), self._own_cookie)
+        authorizations = [line for line in headers.getall("Authorization", ()) if line.strip()]
+        via_token = (
+            not cookies
+            and bool(authorizations)
+            and all(bearer_token(line) is not None for line in authorizations)
+        )
+        return Identity(
+            user_id=user,
+            email=email,
+            role=choose_role(groups, self._admin_roles),
+            via_token=via_token,
+            credential_hash=credential_hash([user], [email or ""], groups),
+        )
+
+    async def close(self) -> None:
+        return None
+
+
+def _single_value(headers: CIMultiDictProxy[str], name: str) -> str | None:
+    values = {line.strip() for line in headers.getall(name, ()) if line.strip()}
+    if len(values) > 1:
+        raise IdentityUnavailable(f"trusted proxy sent {len(values)} different {name} values")
+    return values.pop() if values else None

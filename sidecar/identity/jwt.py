@@ -1,0 +1,343 @@
+"""Identity from a signed token (JWT) in a cookie or a header, verified with PyJWT.
+
+Where the token comes from: the cookie ``identity.jwt.cookie`` (when configured) and the
+header ``identity.jwt.header`` (default ``Authorization``, ``Bearer`` scheme). Every token
+present is verified; the identity comes from the valid one, the cookie's when both are valid
+(a browser session: ``via_token`` False), else the header's (``via_token`` True).
+
+What is verified: the signature with the configured key and algorithms only, ``exp``
+(required) and ``nbf`` with 30 s leeway, ``aud`` and ``iss`` when configured (a token that
+carries ``aud`` is refused when no audience is configured, PyJWT's default).
+
+Answers:
+
+* no token, or no valid token (bad signature, expired, wrong audience...): anonymous;
+* valid tokens naming different users, or more than :data:`MAX_TOKENS` tokens:
+  :class:`IdentityUnavailable`. The console may pick a different one than we would, and an
+  "anonymous" answer would let the request skip the MFA gate;
+* a valid token without a usable ``id_claim``: :class:`IdentityUnavailable` (the claim name
+  is misconfigured; logged once).
+
+Keys are checked when the provider is built (:class:`~sidecar.config.ConfigError` naming the
+YAML path): ``none`` is never accepted, and HMAC algorithms never share a list with a public
+key. With ``HS256`` allowed and a public key configured, anyone could sign tokens using the
+public key as the HMAC secret (algorithm confusion, RFC 8725 §2.1, CVE-2022-29217).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+import jwt
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from jwt.algorithms import AllowedPublicKeys, HMACAlgorithm
+from multidict import CIMultiDictProxy
+
+from sidecar.config import Config, ConfigError
+from sidecar.config import Jwt as JwtSettings
+from sidecar.identity.base import (
+    Identity,
+    IdentityUnavailable,
+    bearer_token,
+    choose_role,
+    cookie_pairs,
+    credential_hash,
+    lookup_field,
+    string_or_none,
+    user_id_from,
+)
+from sidecar.logs import fields
+
+log = logging.getLogger("sidecar.identity.jwt")
+
+LEEWAY_SECONDS: Final = 30
+# Real clients send one token; a pile of them only costs signature checks.
+MAX_TOKENS: Final = 4
+
+VerificationKey = AllowedPublicKeys | bytes
+_VERIFYING_KEY_TYPES: Final = (
+    rsa.RSAPublicKey,
+    ec.EllipticCurvePublicKey,
+    ed25519.Ed25519PublicKey,
+    ed448.Ed448PublicKey,
+)
+
+# Rejections that usually mean the sidecar's settings do not match the token issuer's;
+# worth one warning each, unlike expired tokens, which are routine.
+_CONFIG_HINTS: Final = (
+    jwt.InvalidAudienceError,
+    jwt.InvalidIssuerError,
+    jwt.InvalidAlgorithmError,
+    jwt.MissingRequiredClaimError,
+)
+
+
+class JwtProvider:
+    """Verifies tokens from a cookie or a header; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        settings: JwtSettings,
+        key: VerificationKey,
+        algorithms: Sequence[str],
+        admin_roles: Sequence[str],
+    ) -> None:
+        self._settings = settings
+        self._key = key
+        self._algorithms = list(algorithms)
+        self._admin_roles = tuple(admin_roles)
+        self._warned: set[str] = set()
+
+    @classmethod
+    def from_config(cls, config: Config) -> JwtProvider:
+        """Reads and checks the key once; raises ConfigError when it cannot be used."""
+        settings = config.identity.jwt
+        key, algorithms = load_verification_key(settings)
+        return cls(
+            settings=settings,
+            key=key,
+            algorithms=algorithms,
+            admin_roles=config.identity.admin_roles,
+        )
+
+    @property
+    def algorithms(self) -> list[str]:
+        """The algorithms accepted: the configured ones that fit the key."""
+        return list(self._algorithms)
+
+    async def identify(self, headers: CIMultiDictProxy[str], peer_trusted: bool) -> Identity | None:
+        del peer_trusted  # a signature is worth the same from any peer
+        candidates = self._tokens(headers)
+        if len(candidates) > MAX_TOKENS:
+            raise IdentityUnavailable(f"request carries {len(candidates)} tokens")
+        found: list[Identity] = []
+        for token, from_header in candidates:
+            identity = self._verify(token, via_token=from_header)
+            if identity is not None:
+                found.append(identity)
+        if not found:
+            return None
+        if len({identity.user_id for identity in found}) > 1:
+            raise IdentityUnavailable("request carries valid tokens for different users")
+        return found[0]  # cookie tokens come first
+
+    async def close(self) -> None:
+        return None
+
+    def _tokens(self, headers: CIMultiDictProxy[str]) -> list[tuple[str, bool]]:
+        """(token, came from the header) pairs: cookie tokens first, then header tokens."""
+        settings = self._settings
+        tokens: list[tuple[str, bool]] = []
+        if settings.cookie:
+            for line in headers.getall("Cookie", ()):
+                for name, value in cookie_pairs(line):
+                    if name == settings.cookie and (cookie_token := _unquote(value)):
+                        tokens.append((cookie_token, False))
+        for line in headers.getall(settings.header, ()):
+            token = bearer_token(line)
+            if token is None and settings.header.lower() != "authorization":
+                token = line.strip() or None  # a dedicated header may carry the bare token
+            if token is not None:
+                tokens.append((token, True))
+        return tokens
+
+    def _verify(self, token: str, *, via_token: bool) -> Identity | None:
+        settings = self._settings
+        try:
+            claims = jwt.decode(
+                token,
+                key=self._key,
+                algorithms=self._algorithms,
+                audience=settings.audience,
+                issuer=settings.issuer,
+                leeway=LEEWAY_SECONDS,
+                options={"require": ["exp"], "enforce_minimum_key_length": True},
+            )
+        except jwt.PyJWTError as exc:
+            self._note_rejection(exc)
+            return None
+        user_id = user_id_from(lookup_field(claims, settings.id_claim))
+        if user_id is None:
+            self._warn_once(
+                "no_id",
+                "valid token without a usable user id; check identity.jwt.id_claim",
+                id_claim=settings.id_claim,
+            )
+            raise IdentityUnavailable(f"token has no usable {settings.id_claim!r} claim")
+        return Identity(
+            user_id=user_id,
+            email=string_or_none(lookup_field(claims, settings.email_claim)),
+            role=choose_role(lookup_field(claims, settings.role_claim), self._admin_roles),
+            via_token=via_token,
+            credential_hash=credential_hash([token]),
+        )
+
+    def _note_rejection(self, exc: jwt.PyJWTError) -> None:
+        reason = type(exc).__name__
+        if isinstance(exc, _CONFIG_HINTS):
+            self._warn_once(
+                reason,
+                "token refused; if legitimate tokens are refused, check identity.jwt",
+                reason=reason,
+                detail=str(exc),
+            )
+        else:
+            log.debug("token refused", extra=fields(reason=reason))
+
+    def _warn_once(self, kind: str, message: str, **details: object) -> None:
+        if kind in self._warned:
+            log.debug(message, extra=fields(**details))
+            return
+        self._warned.add(kind)
+        log.warning(message + " (logged once)", extra=fields(**details))
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        return value[1:-1]
+    return value
+
+
+# --- key loading -----------------------------------------------------------------------------
+
+
+def load_verification_key(settings: JwtSettings) -> tuple[VerificationKey, list[str]]:
+    """The key to verify with and the configured algorithms that fit it.
+
+    Raises ConfigError when: no key or both ``key`` and ``key_file``; the file cannot be
+    read; an algorithm is ``none`` or unknown; HMAC algorithms are mixed with a public key, or
+    asymmetric ones with a shared secret; the key is too short (RFC 7518 §3.2 for HMAC, 2048
+    bits for RSA); no configured algorithm fits the key. A private key is accepted and only
+    its public half kept (the sidecar never signs).
+    """
+    path, raw = _read_key(settings)
+    problems: list[str] = []
+    hmac_names: list[str] = []
+    other_names: list[str] = []
+    if not settings.algorithms:
+        problems.append("identity.jwt.algorithms: must name at least one algorithm")
+    for i, name in enumerate(settings.algorithms):
+        if name.strip().lower() == "none":
+            problems.append(
+                f"identity.jwt.algorithms[{i}]: 'none' is never accepted (unsigned tokens)"
+            )
+            continue
+        try:
+            algorithm = jwt.get_algorithm_by_name(name)
+        except NotImplementedError:
+            problems.append(f"identity.jwt.algorithms[{i}]: {name!r} is not a JWT algorithm")
+            continue
+        (hmac_names if isinstance(algorithm, HMACAlgorithm) else other_names).append(name)
+    if problems:
+        raise ConfigError(problems)
+
+    if _looks_asymmetric(raw):
+        if hmac_names:
+            raise ConfigError(
+                [
+                    f"identity.jwt.algorithms: {', '.join(hmac_names)} cannot be used with a "
+                    f"public key in {path} (anyone could sign tokens with the public key as the "
+                    "HMAC secret; RFC 8725 §2.1)"
+                ]
+            )
+        return _asymmetric(path, raw, other_names)
+    if other_names:
+        raise ConfigError(
+            [
+                f"identity.jwt.algorithms: {', '.join(other_names)} need a public key (PEM) in "
+                f"{path}, which holds a shared secret"
+            ]
+        )
+    return _hmac(path, raw, hmac_names), hmac_names
+
+
+def _read_key(settings: JwtSettings) -> tuple[str, bytes]:
+    if settings.key and settings.key_file:
+        raise ConfigError(["identity.jwt: set key or key_file, not both"])
+    if settings.key_file is not None:
+        path = "identity.jwt.key_file"
+        try:
+            raw = Path(settings.key_file).read_bytes()
+        except OSError as exc:
+            raise ConfigError(
+                [f"{path}: cannot read {str(settings.key_file)!r}: {exc.strerror}"]
+            ) from None
+    elif settings.key:
+        path, raw = "identity.jwt.key", settings.key.encode()
+    else:
+        raise ConfigError(["identity.jwt: neither key nor key_file is set"])
+    if not raw.strip():
+        raise ConfigError([f"{path}: the key is empty"])
+    return path, raw
+
+
+def _looks_asymmetric(raw: bytes) -> bool:
+    text = raw.strip()
+    return text.startswith((b"-----BEGIN", b"ssh-", b"ecdsa-sha2-"))
+
+
+def _hmac(path: str, raw: bytes, names: list[str]) -> bytes:
+    # The secret is used as written: a trailing newline from a key file is part of what the
+    # file says, but almost never what the issuer signs with.
+    secret = raw.rstrip(b"\r\n")
+    for name in names:
+        algorithm = jwt.get_algorithm_by_name(name)
+        try:
+            prepared = algorithm.prepare_key(secret)
+        except jwt.InvalidKeyError as exc:
+            raise ConfigError([f"{path}: {exc}"]) from None
+        if (problem := algorithm.check_key_length(prepared)) is not None:
+            raise ConfigError([f"{path}: {problem}"])
+    return secret
+
+
+def _asymmetric(path: str, raw: bytes, names: list[str]) -> tuple[AllowedPublicKeys, list[str]]:
+    try:
+        key = _public_key(raw)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ConfigError(
+            [f"{path}: not a usable PEM public key, private key or certificate ({exc})"]
+        ) from None
+    fitting: list[str] = []
+    for name in names:
+        algorithm = jwt.get_algorithm_by_name(name)
+        try:
+            prepared = algorithm.prepare_key(key)
+        except (jwt.InvalidKeyError, TypeError, ValueError):
+            continue  # e.g. ES256 next to RS256 (the default list) with an RSA key
+        if (problem := algorithm.check_key_length(prepared)) is not None:
+            raise ConfigError([f"{path}: {problem}"])
+        fitting.append(name)
+    if not fitting:
+        kind = type(key).__name__.lstrip("_")
+        raise ConfigError(
+            [f"identity.jwt.algorithms: none of {', '.join(names)} fits the {kind} in {path}"]
+        )
+    return key, fitting
+
+
+def _public_key(raw: bytes) -> AllowedPublicKeys:
+    text = raw.strip()
+    if text.startswith((b"ssh-", b"ecdsa-sha2-")):
+        key: object = serialization.load_ssh_public_key(text)
+    elif b"-----BEGIN CERTIFICATE-----" in text:
+        key = x509.load_pem_x509_certificate(text).public_key()
+    elif b"PRIVATE KEY-----" in text:
+        private = serialization.load_pem_private_key(text, password=None)
+        key = private.public_key()
+        log.warning(
+            "identity.jwt holds a private key; only its public half is used. "
+            "Configure the public key: the sidecar never signs tokens"
+        )
+    else:
+        key = serialization.load_pem_public_key(text)
+    if not isinstance(key, _VERIFYING_KEY_TYPES):
+        raise ValueError(f"{type(key).__name__.lstrip('_')} cannot verify JWTs")
+    return key

@@ -1,0 +1,1 @@
+"""MFA: the policy (pure), the methods (TOTP, passkeys, recovery codes), sessions and pages."""

@@ -1,0 +1,46 @@
+"""Pipeline step 4: who is calling, from the console itself (or an auth proxy, or a JWT).
+
+Runs for every request that may need an MFA decision or is for the sidecar's own pages;
+exempt paths skip it (they pass the gate whoever calls). When the identity cannot be decided
+(console down, timeout, bad answer) the request is refused with 503: treating it as anonymous
+would let a logged-in user past the MFA gate.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from sidecar.answers import unavailable
+from sidecar.decision import Decision
+from sidecar.identity.base import IdentityProvider, IdentityUnavailable
+from sidecar.paths import is_exempt, is_under
+from sidecar.state import DECISION, IDENTITY, PEER_TRUSTED, REASON
+
+log = logging.getLogger("sidecar.identity")
+
+
+def identity_middleware(
+    *, provider: IdentityProvider, prefix: str, exempt_paths: list[str]
+) -> Middleware:
+    @web.middleware
+    async def identity(request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        if not is_under(path, prefix) and is_exempt(path, exempt_paths):
+            return await handler(request)
+        try:
+            request[IDENTITY] = await provider.identify(
+                request.headers, request.get(PEER_TRUSTED, False)
+            )
+        except IdentityUnavailable as exc:
+            request[DECISION] = Decision.IDENTITY_UNAVAILABLE
+            request[REASON] = str(exc)
+            log.warning("identity unavailable, refusing: %s", exc)
+            return unavailable(
+                request, "identity_unavailable", "The console could not confirm who you are."
+            )
+        return await handler(request)
+
+    return identity

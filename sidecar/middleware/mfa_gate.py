@@ -1,0 +1,149 @@
+"""Pipeline step 5: the organization's MFA policy, for authenticated users.
+
+Who passes without a decision: the sidecar's own routes, ``mfa.exempt_paths`` (matched on the
+canonical path, which is also what the console receives), anonymous requests (the console
+answers those itself), and API clients authenticated by ``Authorization: Bearer`` unless
+``mfa.enforce_on_tokens``.
+
+Everyone else gets a verdict from ``sidecar.mfa.policy.decide``. "Required" answers: an HTML
+navigation gets 303 to the setup or verify page with ``next``; anything else 403 JSON
+``{"error": ..., "location": ...}``. During grace an HTML navigation gets, once per session, an
+interstitial with the deadline. When the store cannot answer, the request is refused with 503
+(fail closed); the IP gate before this stage keeps working from memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+from urllib.parse import quote
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from sidecar.answers import is_html_navigation, json_error, unavailable
+from sidecar.config import Config
+from sidecar.decision import Decision
+from sidecar.identity.base import is_privileged
+from sidecar.mfa import pages
+from sidecar.mfa.policy import MfaPolicy, decide, needs_grace_start
+from sidecar.mfa.service import MfaService
+from sidecar.mfa.session import csrf_token, mark_grace_shown, session_for, view
+from sidecar.paths import is_exempt, is_under
+from sidecar.settings import SettingsService
+from sidecar.state import DECISION, IDENTITY, REASON
+from sidecar.store.base import StoreUnavailable
+
+log = logging.getLogger("sidecar.mfa")
+
+_SETUP_ERROR = "mfa_setup_required"
+_VERIFY_ERROR = "mfa_verification_required"
+
+
+def binding_of(credential_hash: bytes) -> str:
+    """What the sidecar session stores to bind itself to the console credential."""
+    return credential_hash[:16].hex()
+
+
+def mfa_gate_middleware(
+    *, config: Config, settings: SettingsService, service: MfaService
+) -> Middleware:
+    mfa = config.mfa
+    prefix = mfa.path_prefix
+    admin_roles = config.identity.admin_roles
+
+    @web.middleware
+    async def mfa_gate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        if is_under(path, prefix):
+            request[DECISION] = Decision.SIDECAR
+            return await handler(request)
+        identity = request.get(IDENTITY)
+        if identity is None or is_exempt(path, mfa.exempt_paths):
+            return await handler(request)
+        if identity.via_token and not mfa.enforce_on_tokens:
+            return await handler(request)
+        current = settings.current
+        if current is None:
+            return _store_down(request, "security settings not loaded yet")
+        try:
+            state = await service.state(identity.user_id)
+            privileged = is_privileged(identity, admin_roles)
+            policy = MfaPolicy(current.mfa_policy)
+            grace_started = None
+            if needs_grace_start(policy=policy, privileged=privileged, enrolled=state.enrolled):
+                grace_started = await service.grace_started(identity.user_id, current.policy_epoch)
+            await service.touch(identity.user_id, email=identity.email, role=identity.role)
+        except StoreUnavailable as exc:
+            return _store_down(request, str(exc))
+        binding = binding_of(identity.credential_hash)
+        session = await session_for(request, user=identity.user_id, binding=binding)
+        session_view = view(session)
+        verdict = decide(
+            policy=policy,
+            privileged=privileged,
+            enrolled=state.enrolled,
+            verified=session_view.verified_for(
+                user=identity.user_id,
+                binding=binding,
+                generation=state.mfa_generation,
+                now=time.time(),
+                verify_every=mfa.verify_every,
+            ),
+            grace_started=grace_started,
+            grace_period=timedelta(seconds=current.grace_period_seconds),
+            now=service.now(),
+        )
+        request[DECISION] = verdict.decision
+        if verdict.decision is Decision.ALLOWED:
+            return await handler(request)
+        navigation = is_html_navigation(request)
+        if verdict.decision is Decision.GRACE:
+            if navigation and not session_view.grace_shown and verdict.grace_deadline:
+                mark_grace_shown(session)
+                return web.Response(
+                    text=pages.render_grace_interstitial(
+                        pages.PageContext(
+                            prefix=prefix,
+                            csrf_token=csrf_token(session),
+                            user=identity.email or identity.user_id,
+                            role=identity.role,
+                            next_path=request.rel_url.raw_path_qs,
+                            app_name=mfa.rp_name,
+                        ),
+                        deadline=verdict.grace_deadline,
+                        continue_url=request.rel_url.raw_path_qs,
+                    ),
+                    content_type="text/html",
+                    headers={"Cache-Control": "no-store"},
+                )
+            return await handler(request)
+        page, error = (
+            ("setup", _SETUP_ERROR)
+            if verdict.decision is Decision.MFA_SETUP_REQUIRED
+            else ("verify", _VERIFY_ERROR)
+        )
+        location = f"{prefix}/{page}"
+        if navigation:
+            target = f"{location}?next={quote(request.rel_url.raw_path_qs, safe='/')}"
+            return web.Response(
+                status=303, headers={"Location": target, "Cache-Control": "no-store"}
+            )
+        return json_error(
+            403,
+            error,
+            "Set up multi-factor authentication to continue."
+            if page == "setup"
+            else "Verify with your second factor to continue.",
+            location=location,
+        )
+
+    return mfa_gate
+
+
+def _store_down(request: web.Request, reason: str) -> web.Response:
+    request[DECISION] = Decision.STORE_UNAVAILABLE
+    request[REASON] = reason
+    log.warning("store unavailable, refusing: %s", reason)
+    return unavailable(request, "store_unavailable", "Security checks are unavailable right now.")

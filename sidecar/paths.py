@@ -1,0 +1,72 @@
+"""Canonical request paths, so that what the gate matches is exactly what the console gets.
+
+An exemption such as ``/static/`` must not be reachable as ``/static/../settings``,
+``/static/%2e%2e/settings`` or ``/static//..//settings``: the console (or a framework in front
+of it) would resolve those to ``/settings`` after the gate let them through as "static".
+So a request path is canonicalised (RFC 3986 §6.2.2: percent-encoded unreserved characters
+decoded, §5.2.4: dot segments removed; repeated slashes collapsed, since many servers treat
+``//`` as ``/``) and a request whose path is not canonical is redirected to its canonical
+form; every later stage and the upstream only ever see canonical paths.
+
+Separators that servers disagree about (``%2F``, ``%5C``, ``\\``, ``;`` path parameters that
+Java servers strip) are left as they are, but a path containing one is never exempt.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+_UNRESERVED_ESCAPE = re.compile(r"%(2[dDeE]|3[0-9]|[46][1-9a-fA-F]|[57][0-9aA]|5[fF]|7[eE])")
+_MULTI_SLASH = re.compile(r"/{2,}")
+_AMBIGUOUS = re.compile(r"%2[fF]|%5[cC]|\\|;")
+
+
+def _decode_unreserved(match: re.Match[str]) -> str:
+    return chr(int(match.group(1), 16))
+
+
+def canonical_path(raw_path: str) -> str:
+    """The canonical form of an origin-form path (without the query)."""
+    if "%" not in raw_path and "/." not in raw_path and "//" not in raw_path:
+        return raw_path  # the common case: already canonical
+    path = _UNRESERVED_ESCAPE.sub(_decode_unreserved, raw_path)
+    path = _MULTI_SLASH.sub("/", path)
+    out: list[str] = []
+    segments = path.split("/")[1:]
+    for i, segment in enumerate(segments):
+        last = i == len(segments) - 1
+        if segment == ".":
+            if last:
+                out.append("")
+        elif segment == "..":
+            if out:
+                out.pop()
+            if last:
+                out.append("")
+        else:
+            out.append(segment)
+    return "/" + "/".join(out)
+
+
+def is_exempt(path: str, exempt_paths: Sequence[str]) -> bool:
+    """Whether a canonical path is under one of ``mfa.exempt_paths``.
+
+    An entry ending in ``/`` is a prefix (``/static/``); any other entry matches itself and
+    what lies below it (``/logout`` matches ``/logout`` and ``/logout/all``, not
+    ``/logoutx``). Paths with ambiguous separators never match.
+    """
+    if _AMBIGUOUS.search(path):
+        return False
+    for entry in exempt_paths:
+        if entry.endswith("/"):
+            if path.startswith(entry):
+                return True
+        elif path == entry or path.startswith(entry + "/"):
+            return True
+    return False
+
+
+def is_under(path: str, prefix: str) -> bool:
+    """Whether a canonical path is the prefix itself or below it."""
+    return path == prefix or path.startswith(prefix + "/")

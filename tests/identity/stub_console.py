@@ -1,0 +1,172 @@
+"""A stub console for the identity tests: ``/api/me`` and misbehaving variants of it.
+
+Every request is recorded (path and header lines) so tests can assert on what the sidecar
+sent, and how often.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from cryptography.fernet import Fernet
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from sidecar.config import Config, parse_config
+
+SESSION_COOKIE = "console_session"
+SIDECAR_COOKIE = "sidecar_session"  # the config default for mfa.session.cookie_name
+TOKENS = {"tok-carol": "u-carol"}
+
+
+def make_config(upstream_url: str = "http://127.0.0.1:9", **identity: Any) -> Config:
+    """A minimal valid config with ``identity`` as the identity section."""
+    key = Fernet.generate_key().decode()
+    return parse_config(
+        {
+            "upstream": {"url": upstream_url},
+            "identity": identity,
+            "mfa": {
+                "rp_id": "localhost",
+                "origin": "http://localhost",
+                "session": {"secret_keys": [key]},
+            },
+            "storage": {"encryption_key": key},
+        },
+        env={},
+    )
+
+
+def headers(*lines: tuple[str, str]) -> CIMultiDictProxy[str]:
+    """Request headers as aiohttp hands them over, lines in order."""
+    return CIMultiDictProxy(CIMultiDict(lines))
+
+
+@dataclass
+class Recorded:
+    path: str
+    headers: CIMultiDict[str]
+
+
+@dataclass
+class StubConsole:
+    """State of the stub: what it received, and knobs the tests turn."""
+
+    url: str = ""
+    received: list[Recorded] = field(default_factory=list)
+    # /api/me-gated: `entered` is set when a request arrives; it answers once `gate` is set,
+    # with `gated_status` (200 means: like /api/me).
+    entered: asyncio.Event = field(default_factory=asyncio.Event)
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    gated_status: int = 200
+    # /api/me-slow answers once `release` is set (at teardown at the latest).
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    # /api/me-flaky answers 500 while `down`.
+    down: bool = False
+
+    def count(self, path: str | None = None) -> int:
+        return sum(1 for r in self.received if path is None or r.path == path)
+
+
+def _user_for(request: web.Request) -> dict[str, Any] | int | None:
+    """The /api/me answer: a user document, None (401) or a status (403)."""
+    for line in request.headers.getall("Authorization", ()):
+        scheme, _, token = line.partition(" ")
+        if scheme.lower() == "bearer" and token in TOKENS:
+            user = TOKENS[token]
+            return {"id": user, "email": f"{user[2:]}@example.com", "role": "member"}
+    for name, morsel in request.cookies.items():
+        if name != SESSION_COOKIE:
+            continue
+        value = morsel
+        if value == "forbidden":
+            return 403
+        if value.startswith("u-"):
+            role = "owner" if value == "u-alice" else "member"
+            return {"id": value, "email": f"{value[2:]}@example.com", "role": role}
+    return None
+
+
+def _me(request: web.Request) -> web.Response:
+    user = _user_for(request)
+    if user is None:
+        return web.json_response({"error": "unauthorized"}, status=401)
+    if isinstance(user, int):
+        return web.json_response({"error": "forbidden"}, status=user)
+    return web.json_response(user)
+
+
+def build_console(state: StubConsole) -> web.Application:
+    @web.middleware
+    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+        state.received.append(Recorded(request.path, CIMultiDict(request.headers)))
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    async def me(request: web.Request) -> web.Response:
+        return _me(request)
+
+    async def nested(request: web.Request) -> web.Response:
+        user = _user_for(request)
+        if not isinstance(user, dict):
+            return web.json_response({}, status=401)
+        return web.json_response(
+            {
+                "user": {
+                    "id": 42,
+                    "profile": {"mail": user["email"]},
+                    "groups": ["member", "Admin"],
+                }
+            }
+        )
+
+    async def error(request: web.Request) -> web.Response:
+        return web.Response(status=500, text="boom")
+
+    async def slow(request: web.Request) -> web.Response:
+        await state.release.wait()
+        return _me(request)
+
+    async def not_json(request: web.Request) -> web.Response:
+        return web.Response(text="<html>login</html>", content_type="text/html")
+
+    async def array(request: web.Request) -> web.Response:
+        return web.json_response([{"id": "u-alice"}])
+
+    async def no_id(request: web.Request) -> web.Response:
+        return web.json_response({"email": "alice@example.com", "role": "owner"})
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/api/me")
+
+    async def huge(request: web.Request) -> web.Response:
+        return web.Response(text=json.dumps({"id": "u-alice", "pad": "x" * (2 * 1024 * 1024)}))
+
+    async def gated(request: web.Request) -> web.Response:
+        state.entered.set()
+        await state.gate.wait()
+        if state.gated_status != 200:
+            return web.Response(status=state.gated_status)
+        return _me(request)
+
+    async def flaky(request: web.Request) -> web.Response:
+        if state.down:
+            return web.Response(status=502)
+        return _me(request)
+
+    app = web.Application(middlewares=[record])
+    app.router.add_get("/api/me", me)
+    app.router.add_get("/api/me-nested", nested)
+    app.router.add_get("/api/me-500", error)
+    app.router.add_get("/api/me-slow", slow)
+    app.router.add_get("/api/me-html", not_json)
+    app.router.add_get("/api/me-array", array)
+    app.router.add_get("/api/me-noid", no_id)
+    app.router.add_get("/api/me-redirect", redirect)
+    app.router.add_get("/api/me-huge", huge)
+    app.router.add_get("/api/me-gated", gated)
+    app.router.add_get("/api/me-flaky", flaky)
+    return app

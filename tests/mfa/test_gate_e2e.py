@@ -1,0 +1,420 @@
+"""The MFA gate end to end: a stub console, the whole sidecar app, a real SQLite store."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pyotp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from yarl import URL
+
+from sidecar.app import MFA, STORE, build_app
+from sidecar.store.base import StoreUnavailable
+from tests.conftest import make_config
+
+USERS = {
+    "alice": {"id": "u-alice", "email": "alice@example.com", "role": "owner"},
+    "bob": {"id": "u-bob", "email": "bob@example.com", "role": "admin"},
+    "carol": {"id": "u-carol", "email": "carol@example.com", "role": "member"},
+}
+Hits = web.AppKey("hits", list[str])
+Down = web.AppKey("down", list[bool])
+Cookies = web.AppKey("cookies", list[str | None])
+
+HTML = {"Accept": "text/html,application/xhtml+xml", "Sec-Fetch-Mode": "navigate"}
+XHR = {"Accept": "application/json", "Sec-Fetch-Mode": "cors"}
+
+
+def stub_console() -> web.Application:
+    app = web.Application()
+    app[Hits] = []
+    app[Down] = [False]
+    app[Cookies] = []
+
+    async def me(request: web.Request) -> web.Response:
+        if app[Down][0]:
+            return web.Response(status=500)
+        user = USERS.get(request.cookies.get("console", ""))
+        auth = request.headers.get("Authorization", "")
+        if user is None and auth.startswith("Bearer token-"):
+            user = USERS.get(auth.removeprefix("Bearer token-"))
+        if user is None:
+            return web.json_response({"error": "unauthenticated"}, status=401)
+        return web.json_response(user)
+
+    async def page(request: web.Request) -> web.Response:
+        app[Hits].append(request.path)
+        app[Cookies].append(request.headers.get("Cookie"))
+        return web.Response(text=f"console page {request.path}")
+
+    app.router.add_get("/api/me", me)
+    app.router.add_route("*", "/{tail:.*}", page)
+    return app
+
+
+Client = TestClient[web.Request, web.Application]
+
+
+@pytest.fixture
+async def console(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> TestServer:
+    return await aiohttp_server(stub_console())
+
+
+@pytest.fixture
+def sidecar(
+    tmp_path: Path,
+    console: TestServer,
+    aiohttp_client: Callable[..., Awaitable[Client]],
+) -> Callable[..., Awaitable[Client]]:
+    async def factory(**sections: Any) -> Client:
+        config = make_config(tmp_path, f"http://127.0.0.1:{console.port}", **sections)
+        return await aiohttp_client(build_app(config))
+
+    return factory
+
+
+def login(client: Client, user: str) -> None:
+    client.session.cookie_jar.update_cookies({"console": user}, URL(str(client.make_url("/"))))
+
+
+def hits(console: TestServer) -> list[str]:
+    return console.app[Hits]
+
+
+async def csrf(client: Client) -> str:
+    status = await (await client.get("/mfa/api/status")).json()
+    token: str = status["csrf_token"]
+    return token
+
+
+async def enroll_totp(client: Client) -> tuple[str, list[str]]:
+    token = await csrf(client)
+    begun = await client.post("/mfa/api/totp/begin", headers={"X-CSRF-Token": token})
+    assert begun.status == 200, await begun.text()
+    secret = (await begun.json())["secret"]
+    finished = await client.post(
+        "/mfa/api/totp/finish",
+        json={"code": pyotp.TOTP(secret).now()},
+        headers={"X-CSRF-Token": token},
+    )
+    assert finished.status == 200, await finished.text()
+    body = await finished.json()
+    return secret, body["recovery_codes"]
+
+
+def next_code(secret: str) -> str:
+    """The code of the next time step: accepted (valid_window=1) and never used before."""
+    return pyotp.TOTP(secret).at(time.time() + 30)
+
+
+ALL_72H = {"security": {"mfa_policy": "all", "grace_period": "72h"}}
+ALL_NO_GRACE = {"security": {"mfa_policy": "all", "grace_period": "0s"}}
+
+
+async def test_member_inside_grace_passes_after_one_interstitial(
+    sidecar: Callable[..., Awaitable[Client]], console: TestServer
+) -> None:
+    client = await sidecar(**ALL_72H)
+    login(client, "carol")
+    first = await client.get("/settings", headers=HTML)
+    assert first.status == 200
+    text = await first.text()
+    assert "Set up now" in text
+    assert hits(console) == []
+    second = await client.get("/settings", headers=HTML)
+    assert await second.text() == "console page /settings"
+    assert (await client.get("/api/data", headers=XHR)).status == 200
+
+
+async def test_after_grace_navigation_is_redirected_and_xhr_gets_json(
+    sidecar: Callable[..., Awaitable[Client]], console: TestServer
+) -> None:
+    client = await sidecar(**ALL_NO_GRACE)
+    login(client, "carol")
+    page = await client.get("/reports?page=2", headers=HTML, allow_redirects=False)
+    assert page.status == 303
+    assert page.headers["Location"] == "/mfa/setup?next=/reports%3Fpage%3D2"
+    api = await client.get("/api/data", headers=XHR)
+    assert api.status == 403
+    assert await api.json() == {
+        "error": "mfa_setup_required",
+        "message": "Set up multi-factor authentication to continue.",
+        "location": "/mfa/setup",
+    }
+    assert hits(console) == []
+
+
+async def test_policy_admins_spares_members_but_not_admins(
+    sidecar: Callable[..., Awaitable[Client]],
+) -> None:
+    client = await sidecar(security={"mfa_policy": "admins", "grace_period": "0s"})
+    login(client, "carol")
+    assert (await client.get("/", headers=XHR)).status == 200
+    login(client, "bob")
+    assert (await client.get("/", headers=XHR)).status == 403
+
+
+@pytest.mark.parametrize(
+    ("path", "passes"),
+    [
+        ("/static/app.css", True),
+        ("/logout", True),
+        ("/logout/all", True),
+        ("/logoutx", False),
+        ("/static/../settings", False),
+        ("/static/%2e%2e/settings", False),
+        ("/static/%2E%2E/settings", False),
+        ("/static//..//settings", False),
+        ("/static%2f..%2fsettings", False),
+        ("/static/..%2fsettings", False),
+        ("/static/..;/settings", False),
+        ("/static\\..\\settings", False),
+    ],
+)
+async def test_exempt_paths_pass_and_path_tricks_do_not(
+    sidecar: Callable[..., Awaitable[Client]], console: TestServer, path: str, passes: bool
+) -> None:
+    client = await sidecar(**ALL_NO_GRACE)
+    login(client, "carol")
+    response = await client.get(URL(path, encoded=True), headers=XHR)
+    if passes:
+        assert response.status == 200
+        assert hits(console) == [path]
+    else:
+        # Whatever the path turned into, the console never served /settings ungated.
+        assert "/settings" not in hits(console)
+        assert all(h.startswith("/static/") for h in hits(console)) or response.status == 403
+
+
+async def test_anonymous_requests_reach_the_console_without_a_decision(
+    sidecar: Callable[..., Awaitable[Client]], console: TestServer
+) -> None:
+    client = await sidecar(**ALL_NO_GRACE)
+    response = await client.get("/login", headers=HTML)
+    assert await response.text() == "console page /login"
+
+
+async def test_bearer_tokens_skip_the_gate_unless_enforced(
+    sidecar: Callable[..., Awaitable[Client]],
+) -> None:
+    client = await sidecar(**ALL_NO_GRACE)
+    token = {"Authorization": "Bearer token-carol"}
+    assert (await client.get("/api/data", headers=token)).status == 200
+    strict = await sidecar(**ALL_NO_GRACE, mfa={"enforce_on_tokens": True})
+    assert (await strict.get("/api/data", headers=token)).status == 403
+
+
+async def test_totp_enrollment_then_a_new_session_must_verify(
+    sidecar: Callable[..., Awaitable[Client]],
+    aiohttp_client: Callable[..., Awaitable[Client]],
+    console: TestServer,
+) -> None:
+    client = await sidecar(**ALL_NO_GRACE)
+    login(client, "carol")
+    secret, codes = await enroll_totp(client)
+    assert len(codes) == 10
+    assert len(set(codes)) == 10
+    assert (await client.get("/settings", headers=HTML)).status == 200
+    assert hits(console) == ["/settings"]
+
+    # The same console login in another browser: no sidecar session, must verify.
+    other = await aiohttp_client(client.server)
+    login(other, "carol")
+    page = await other.get("/settings", headers=HTML, allow_redirects=False)
+    assert page.status == 303
+    assert page.headers["Location"] == "/mfa/verify?next=/settings"
+    token = await csrf(other)
+    verified = await other.post(
+        "/mfa/api/verify/totp", json={"code": next_code(secret)}, headers={"X-CSRF-Token": token}
+    )
+    assert verified.status == 200, await verified.text()
+    assert (await other.get("/settings", headers=HTML)).status == 200
+
+    # Replaying the same code from yet another browser is refused.
+    third = await aiohttp_client(client.server)
+    login(third, "carol")
+    replay = await third.post(
+        "/mfa/api/verify/totp",
+        json={"code": next_code(secret)},
+        headers={"X-CSRF-Token": await csrf(third)},
+    )
+    assert replay.status == 400
+
+
+async def test_recovery_code_works_once(
+    sidecar: Callable[..., Awaitable[Client]], aiohttp_client: Callable[..., Awaitable[Client]]
+) -> None:
+    client = await sidecar(**ALL_NO_GRACE)
+    login(client, "carol")
+    _, codes = await enroll_totp(client)
+    fresh = await aiohttp_client(client.server)
+    login(fresh, "carol")
+    token = await csrf(fresh)
+    typed = codes[0].lower().replace("-", " ")
+    first = await fresh.post(
+        "/mfa/api/verify/recovery", json={"code": typed}, headers={"X-CSRF-Token": token}
+    )
+    assert first.status == 200
+    assert (await first.json())["recovery_codes_left"] == 9
+    again = await aiohttp_client(client.server)
+    login(again, "carol")
+    second = await again.post(
+        "/mfa/api/verify/recovery",
+        json={"code": codes[0]},
+        headers={"X-CSRF-Token": await csrf(again)},
+    )
+    assert second.status == 400
+
+
+async def test_lockout_after_n_failures_even_for_a_correct_code(
+    sidecar: Callable[..., Awaitable[Client]], aiohttp_client: Callable[..., Awaitable[Client]]
+) -> None:
+    client = await sidecar(**ALL_NO_GRACE, mfa={"lockout": {"max_failures": 3}})
+    login(client, "carol")
+    secret, _ = await enroll_totp(client)
+    attacker = await aiohttp_client(client.server)
+    login(attacker, "carol")
+    token = await csrf(attacker)
+    statuses = []
+    for _ in range(3):
+        wrong = await attacker.post(
+            "/mfa/api/verify/totp", json={"code": "000000"}, headers={"X-CSRF-Token": token}
+        )
+        statuses.append(wrong.status)
+    assert statuses == [400, 400, 429]
+    correct = await attacker.post(
+        "/mfa/api/verify/totp", json={"code": next_code(secret)}, headers={"X-CSRF-Token": token}
+    )
+    assert correct.status == 429
+    body = await correct.json()
+    assert body["error"] == "locked_out"
+    assert body["locked_until"]
+
+
+async def test_a_session_verified_for_one_user_does_not_pass_another(
+    sidecar: Callable[..., Awaitable[Client]], aiohttp_client: Callable[..., Awaitable[Client]]
+) -> None:
+    client = await sidecar(**ALL_NO_GRACE)
+    login(client, "bob")
+    await enroll_totp(client)
+    other = await aiohttp_client(client.server)
+    login(other, "carol")
+    await enroll_totp(other)
+    # Carol's browser now carries Bob's verified sidecar cookie, with Carol's console login.
+    bob_cookie = client.session.cookie_jar.filter_cookies(client.make_url("/"))["sidecar_session"]
+    other.session.cookie_jar.update_cookies(
+        {"sidecar_session": bob_cookie.value}, URL(str(other.make_url("/")))
+    )
+    third = await aiohttp_client(client.server)
+    login(third, "carol")
+    third.session.cookie_jar.update_cookies(
+        {"sidecar_session": bob_cookie.value}, URL(str(third.make_url("/")))
+    )
+    response = await third.get("/", headers=XHR)
+    assert response.status == 403
+    assert (await response.json())["error"] == "mfa_verification_required"
+
+
+async def test_sidecar_cookie_flags(
+    sidecar: Callable[..., Awaitable[Client]],
+) -> None:
+    client = await sidecar(
+        **ALL_NO_GRACE,
+        mfa={"session": {"secure": True}},
+    )
+    login(client, "carol")
+    response = await client.get("/mfa/api/status")
+    cookie = response.headers["Set-Cookie"]
+    assert cookie.startswith("sidecar_session=")
+    for flag in ("HttpOnly", "SameSite=Lax", "Secure", "Path=/"):
+        assert flag in cookie
+
+
+async def test_sidecar_cookie_is_not_forwarded_to_the_console(
+    sidecar: Callable[..., Awaitable[Client]], console: TestServer
+) -> None:
+    client = await sidecar(**ALL_72H)
+    login(client, "carol")
+    await client.get("/mfa/api/status")
+    assert "sidecar_session" in {c.key for c in client.session.cookie_jar}
+    response = await client.get("/whoami", headers=XHR)
+    assert response.status == 200
+    assert console.app[Cookies] == ["console=carol"]
+
+
+async def test_state_changing_calls_need_the_csrf_token_and_same_site(
+    sidecar: Callable[..., Awaitable[Client]],
+) -> None:
+    client = await sidecar(**ALL_72H)
+    login(client, "carol")
+    token = await csrf(client)
+    missing = await client.post("/mfa/api/totp/begin")
+    assert missing.status == 403
+    wrong = await client.post("/mfa/api/totp/begin", headers={"X-CSRF-Token": "x" + token})
+    assert wrong.status == 403
+    cross = await client.post(
+        "/mfa/api/totp/begin",
+        headers={"X-CSRF-Token": token, "Origin": "https://evil.example"},
+    )
+    assert cross.status == 403
+    cross_fetch = await client.post(
+        "/mfa/api/totp/begin", headers={"X-CSRF-Token": token, "Sec-Fetch-Site": "cross-site"}
+    )
+    assert cross_fetch.status == 403
+    ok = await client.post(
+        "/mfa/api/totp/begin", headers={"X-CSRF-Token": token, "Origin": "http://localhost"}
+    )
+    assert ok.status == 200
+
+
+async def test_sidecar_routes_are_never_forwarded(
+    sidecar: Callable[..., Awaitable[Client]], console: TestServer
+) -> None:
+    client = await sidecar(**ALL_72H)
+    login(client, "carol")
+    assert (await client.get("/mfa/nope")).status == 404
+    assert (await client.get("/mfa")).status == 404
+    assert hits(console) == []
+
+
+async def test_console_down_gives_503_but_the_ip_gate_still_works(
+    sidecar: Callable[..., Awaitable[Client]], console: TestServer
+) -> None:
+    client = await sidecar(**ALL_72H)
+    blocked = await sidecar(
+        security={"managed_by": "config", "mfa_policy": "all", "ip_denylist": ["127.0.0.1"]}
+    )
+    login(client, "carol")
+    login(blocked, "carol")
+    console.app[Down][0] = True
+    down = await client.get("/settings", headers=XHR)
+    assert down.status == 503
+    assert (await down.json())["error"] == "identity_unavailable"
+    assert (await blocked.get("/settings", headers=XHR)).status == 403
+    console.app[Down][0] = False
+    assert (await client.get("/settings", headers=XHR)).status == 200
+
+
+async def test_store_unreachable_gives_503_and_recovers(
+    sidecar: Callable[..., Awaitable[Client]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await sidecar(**ALL_NO_GRACE)
+    login(client, "carol")
+    store = client.app[STORE]
+    service = client.app[MFA]
+
+    async def broken(*args: object, **kwargs: object) -> Any:
+        raise StoreUnavailable("connection refused")
+
+    monkeypatch.setattr(store, "mfa_state", broken)
+    service.forget("u-carol")
+    response = await client.get("/", headers=XHR)
+    assert response.status == 503
+    assert (await response.json())["error"] == "store_unavailable"
+    monkeypatch.undo()
+    assert (await client.get("/", headers=XHR)).status == 403  # decided again: setup required
