@@ -32,7 +32,8 @@ from sidecar.identity.base import IdentityProvider, build_identity_provider
 from sidecar.identity.headers import identity_header_names
 from sidecar.live import LiveSettings, NetworkPolicy
 from sidecar.metrics import Metrics
-from sidecar.mfa.routes import Handlers, add_routes
+from sidecar.mfa.admin import add_admin_routes
+from sidecar.mfa.routes import Handlers, add_prefix_fallback, add_routes
 from sidecar.mfa.service import MfaMetrics, MfaService
 from sidecar.mfa.session import RotatingCookieStorage
 from sidecar.middleware.canonical_path import canonical_path_middleware
@@ -72,8 +73,8 @@ def build_app(
     """
     metrics = metrics or Metrics()
     live = LiveSettings(NetworkPolicy.build(config))
-    audit = AuditLog(config.audit.file, metrics.registry)
     store = store or open_store(config.storage.url, config.storage.encryption_key)
+    audit = AuditLog(config.audit.file, metrics.registry, store)
     mfa_metrics = MfaMetrics(metrics.registry)
     service = MfaService(store=store, config=config, audit=audit, metrics=mfa_metrics)
     app = web.Application(client_max_size=_OWN_ROUTES_MAX_BODY)
@@ -141,7 +142,10 @@ def build_app(
         audit.close()
 
     app.cleanup_ctx.append(lifecycle)
-    add_routes(app, Handlers(config=config, service=service, settings=settings))
+    handlers = Handlers(config=config, service=service, settings=settings)
+    add_routes(app, handlers)
+    add_admin_routes(app, handlers)
+    add_prefix_fallback(app, handlers)
     proxy = Proxy(
         transport=lambda: app[UPSTREAM],
         metrics=metrics,

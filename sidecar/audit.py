@@ -1,31 +1,49 @@
-"""The audit trail: one JSON object per security-relevant event.
+"""The audit trail: one record per security-relevant event, in the store and in a file.
 
-Records go to ``audit.file`` (``-`` = stdout) as JSON lines. (The hash chain, the copy in the
-store and the audit page come with the Security page work.) Never put secrets, codes, cookies
-or full credential ids in a record.
+Each record is appended to the store, chained by hash to the previous one (sequence, time,
+actor, client address, action, target, outcome, details; see ``sidecar.store.chain``), and
+written as a JSON line to ``audit.file`` (``-`` = stdout) with its sequence number and hash.
+``sidecar audit verify`` recomputes the chain. When the store cannot be written the line
+still goes to the file, marked ``"chained": false``, and the failure is logged and counted:
+an outage must not erase the record of what happened during it. Never put secrets, codes,
+cookies or full credential ids in a record.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import sys
-import time
 from collections import OrderedDict
+from datetime import UTC, datetime
 from typing import IO, Any
 
 from prometheus_client import CollectorRegistry, Counter
 
+from sidecar.store.base import Store, StoreUnavailable
+
+log = logging.getLogger("sidecar.audit")
+
 
 class AuditLog:
-    """Appends audit records; each write is flushed so a crash loses nothing written."""
+    """Appends audit records; each file write is flushed so a crash loses nothing written."""
 
-    def __init__(self, file: str, registry: CollectorRegistry) -> None:
+    def __init__(self, file: str, registry: CollectorRegistry, store: Store | None) -> None:
         self._path = file
+        self._store = store
         self._stream: IO[str] | None = None
+        # One writer at a time keeps file lines in the store's sequence order.
+        self._lock = asyncio.Lock()
         self.events_total = Counter(
             "sidecar_audit_events_total",
             "Audit records written, by action",
             ["action"],
+            registry=registry,
+        )
+        self.failures_total = Counter(
+            "sidecar_audit_store_failures_total",
+            "Audit records that could not be written to the store (file only)",
             registry=registry,
         )
 
@@ -36,7 +54,7 @@ class AuditLog:
             )
         return self._stream
 
-    def record(
+    async def record(
         self,
         action: str,
         *,
@@ -46,19 +64,39 @@ class AuditLog:
         target: str | None = None,
         **details: Any,
     ) -> None:
+        now = datetime.now(UTC)
+        details_json = json.dumps(details, default=str, sort_keys=True, separators=(",", ":"))
         entry: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "time": now.isoformat(timespec="microseconds"),
             "action": action,
             "actor": actor,
             "client_ip": client_ip,
             "target": target,
             "outcome": outcome,
+            "details": details,
         }
-        if details:
-            entry["details"] = details
-        out = self._out()
-        out.write(json.dumps(entry, default=str, separators=(",", ":")) + "\n")
-        out.flush()
+        async with self._lock:
+            if self._store is not None:
+                try:
+                    stored = await self._store.append_audit(
+                        time=now,
+                        actor=actor,
+                        client_ip=client_ip,
+                        action=action,
+                        target=target,
+                        outcome=outcome,
+                        details=details_json,
+                    )
+                except StoreUnavailable as exc:
+                    self.failures_total.inc()
+                    log.error("audit record not stored (kept in the file): %s", exc)
+                    entry["chained"] = False
+                else:
+                    entry["seq"] = stored.seq
+                    entry["hash"] = stored.hash
+            out = self._out()
+            out.write(json.dumps(entry, default=str, separators=(",", ":")) + "\n")
+            out.flush()
         self.events_total.labels(action).inc()
 
     def close(self) -> None:

@@ -6,9 +6,11 @@ Exit status: 0 success, 1 runtime failure, 2 invalid configuration or usage.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from cryptography.fernet import Fernet
 
@@ -70,6 +72,78 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(host=args.host, port=args.port, data_dir=args.data_dir)
 
 
+def _run_store_command(config: Config, main: Coroutine[Any, Any, tuple[bool, str]]) -> int:
+    from sidecar.store.base import StoreUnavailable
+
+    try:
+        ok, message = asyncio.run(main)
+    except StoreUnavailable as exc:
+        print(f"store unavailable ({config.storage.url.split('@')[-1]}): {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(message, file=sys.stdout if ok else sys.stderr)
+    return EXIT_OK if ok else EXIT_FAILURE
+
+
+async def _ok(message: Coroutine[Any, Any, str]) -> tuple[bool, str]:
+    return True, await message
+
+
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    from sidecar.operations import audit_verify
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    return _run_store_command(config, audit_verify(config))
+
+
+def _cmd_users_reset_mfa(args: argparse.Namespace) -> int:
+    from sidecar.operations import reset_mfa
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    return _run_store_command(config, _ok(reset_mfa(config, args.id)))
+
+
+def _cmd_security_show(args: argparse.Namespace) -> int:
+    from sidecar.operations import security_show
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    return _run_store_command(config, _ok(security_show(config)))
+
+
+def _cmd_security_set(args: argparse.Namespace) -> int:
+    from sidecar.operations import security_set
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    if args.clear_allowlist and args.allow:
+        print("--clear-allowlist and --allow exclude each other", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.clear_denylist and args.deny:
+        print("--clear-denylist and --deny exclude each other", file=sys.stderr)
+        return EXIT_CONFIG
+    allow = [] if args.clear_allowlist else args.allow
+    deny = [] if args.clear_denylist else args.deny
+    if args.mfa_policy is None and args.grace_period is None and allow is None and deny is None:
+        print("nothing to change: give at least one option (see --help)", file=sys.stderr)
+        return EXIT_CONFIG
+    return _run_store_command(
+        config,
+        security_set(
+            config,
+            mfa_policy=args.mfa_policy,
+            grace_period=args.grace_period,
+            allowlist=allow,
+            denylist=deny,
+        ),
+    )
+
+
 def _cmd_ip_explain(args: argparse.Namespace) -> int:
     from sidecar.explain import explain_ip
 
@@ -129,6 +203,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="a forwarded header line as the peer sends it; repeat for several lines",
     )
     explain.set_defaults(func=_cmd_ip_explain)
+
+    audit = commands.add_parser("audit", help="audit trail tools")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    verify = audit_commands.add_parser(
+        "verify", help="check the audit hash chain; names the first broken record"
+    )
+    verify.add_argument("--config", "-c", required=True, metavar="FILE")
+    verify.set_defaults(func=_cmd_audit_verify)
+
+    users = commands.add_parser("users", help="user tools (break-glass)")
+    users_commands = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
+    reset = users_commands.add_parser(
+        "reset-mfa", help="remove every MFA method of a user (lost device); audited as cli"
+    )
+    reset.add_argument("id", metavar="ID", help="the user id as the console reports it")
+    reset.add_argument("--config", "-c", required=True, metavar="FILE")
+    reset.set_defaults(func=_cmd_users_reset_mfa)
+
+    security = commands.add_parser("security", help="live security settings (break-glass)")
+    security_commands = security.add_subparsers(
+        dest="security_command", required=True, metavar="ACTION"
+    )
+    show = security_commands.add_parser("show", help="print the live settings as JSON")
+    show.add_argument("--config", "-c", required=True, metavar="FILE")
+    show.set_defaults(func=_cmd_security_show)
+    change = security_commands.add_parser(
+        "set", help="change the live settings, e.g. --clear-allowlist after a lock-out"
+    )
+    change.add_argument("--config", "-c", required=True, metavar="FILE")
+    change.add_argument("--mfa-policy", choices=["optional", "admins", "all"])
+    change.add_argument("--grace-period", metavar="DURATION", help="e.g. 72h, 7d")
+    change.add_argument("--allow", action="append", metavar="CIDR", help="replace the allowlist")
+    change.add_argument("--deny", action="append", metavar="CIDR", help="replace the denylist")
+    change.add_argument("--clear-allowlist", action="store_true", help="empty the allowlist")
+    change.add_argument("--clear-denylist", action="store_true", help="empty the denylist")
+    change.set_defaults(func=_cmd_security_set)
     return parser
 
 

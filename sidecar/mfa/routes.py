@@ -20,17 +20,28 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 from aiohttp_session import Session
+from webauthn.helpers import bytes_to_base64url
 
 from sidecar.answers import json_error
 from sidecar.config import Config
 from sidecar.identity.base import Identity, is_privileged
 from sidecar.mfa import pages
+from sidecar.mfa.passkeys import (
+    AUTHENTICATE,
+    REGISTER,
+    PasskeyError,
+    Passkeys,
+    credential_id_from,
+)
 from sidecar.mfa.policy import MfaPolicy, is_required
 from sidecar.mfa.service import Actor, MfaService
 from sidecar.mfa.session import (
     csrf_token,
     mark_verified,
+    pop_challenge,
+    remember_challenge,
     session_for,
+    session_id,
     verified_recently,
     view,
 )
@@ -81,6 +92,7 @@ class Handlers:
         self.settings = settings
         self.prefix = config.mfa.path_prefix
         self._origins = set(config.mfa.origin)
+        self.passkeys = Passkeys(store=service.store, config=config)
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -93,6 +105,7 @@ class Handlers:
         client_ip = request.get(CLIENT_IP)
         try:
             state = await self.service.state(identity.user_id)
+            await self.service.touch(identity.user_id, email=identity.email, role=identity.role)
         except StoreUnavailable:
             return json_error(503, "store_unavailable", "Security checks are unavailable.")
         return Caller(
@@ -196,7 +209,7 @@ class Handlers:
                     "totp": caller.state.totp,
                     "passkeys": [
                         {
-                            "id": p.credential_id.hex()[:16],
+                            "id": bytes_to_base64url(p.credential_id),
                             "name": p.name,
                             "created_at": p.created_at.isoformat(),
                             "last_used_at": p.last_used_at.isoformat() if p.last_used_at else None,
@@ -349,7 +362,158 @@ class Handlers:
                 "Your organization requires MFA: add another method before removing this one.",
             )
         await self.service.remove_totp(caller.identity.user_id, caller.actor)
-        return web.json_response({"removed": True}, headers=_NO_STORE)
+        return await self._verified_answer(request, caller, {"removed": True})
+
+    # --- passkeys -------------------------------------------------------------------------
+
+    async def passkey_begin(self, request: web.Request) -> web.Response:
+        caller = await self.caller(request)
+        if isinstance(caller, web.Response):
+            return caller
+        if refused := self.cross_site(request, caller.session):
+            return refused
+        if caller.state.enrolled and not self.stepped_up(caller):
+            return self.step_up_required(f"{self.prefix}/setup")
+        name = caller.identity.email or caller.identity.user_id
+        begun = await self.passkeys.begin_registration(
+            user_id=caller.identity.user_id,
+            user_name=name,
+            display_name=name,
+            session_id=session_id(caller.session),
+            now=self.service.now(),
+        )
+        remember_challenge(caller.session, REGISTER, begun.challenge_id)
+        return web.Response(
+            text=begun.options_json, content_type="application/json", headers=_NO_STORE
+        )
+
+    async def passkey_finish(self, request: web.Request) -> web.Response:
+        caller = await self.caller(request)
+        if isinstance(caller, web.Response):
+            return caller
+        if refused := self.cross_site(request, caller.session):
+            return refused
+        data = await self.body(request)
+        if isinstance(data, web.Response):
+            return data
+        name = data.get("name")
+        first = not caller.state.enrolled
+        try:
+            record = await self.passkeys.finish_registration(
+                user_id=caller.identity.user_id,
+                session_id=session_id(caller.session),
+                challenge_id=pop_challenge(caller.session, REGISTER),
+                credential=data.get("credential"),
+                name=name if isinstance(name, str) else "Passkey",
+                now=self.service.now(),
+            )
+        except PasskeyError as exc:
+            return json_error(400, "passkey_failed", str(exc))
+        self.service.forget(caller.identity.user_id)
+        self.service.metrics.enrollments_total.labels("passkey").inc()
+        await self.service.audit.record(
+            "mfa.enrolled",
+            actor=caller.actor.user,
+            client_ip=caller.actor.client_ip,
+            method="passkey",
+            name=record.name,
+            aaguid=record.aaguid,
+        )
+        codes = (
+            await self.service.new_recovery_codes(caller.identity.user_id, caller.actor, first=True)
+            if first
+            else None
+        )
+        return await self._verified_answer(
+            request, caller, {"recovery_codes": codes, "verified": True}
+        )
+
+    async def verify_passkey_begin(self, request: web.Request) -> web.Response:
+        caller = await self.caller(request)
+        if isinstance(caller, web.Response):
+            return caller
+        if refused := self.cross_site(request, caller.session):
+            return refused
+        lockout = await self.service.lockout(caller.identity.user_id, caller.actor.client_ip)
+        if lockout.locked_until is not None:
+            return _locked(lockout.locked_until.isoformat())
+        try:
+            begun = await self.passkeys.begin_authentication(
+                user_id=caller.identity.user_id,
+                session_id=session_id(caller.session),
+                now=self.service.now(),
+            )
+        except PasskeyError as exc:
+            return json_error(409, "no_passkeys", str(exc))
+        remember_challenge(caller.session, AUTHENTICATE, begun.challenge_id)
+        return web.Response(
+            text=begun.options_json, content_type="application/json", headers=_NO_STORE
+        )
+
+    async def verify_passkey_finish(self, request: web.Request) -> web.Response:
+        caller = await self.caller(request)
+        if isinstance(caller, web.Response):
+            return caller
+        if refused := self.cross_site(request, caller.session):
+            return refused
+        data = await self.body(request)
+        if isinstance(data, web.Response):
+            return data
+        lockout = await self.service.lockout(caller.identity.user_id, caller.actor.client_ip)
+        if lockout.locked_until is not None:
+            self.service.metrics.verifications_total.labels("passkey", "locked").inc()
+            return _locked(lockout.locked_until.isoformat())
+        try:
+            await self.passkeys.finish_authentication(
+                user_id=caller.identity.user_id,
+                session_id=session_id(caller.session),
+                challenge_id=pop_challenge(caller.session, AUTHENTICATE),
+                credential=data.get("credential"),
+                now=self.service.now(),
+            )
+        except PasskeyError as exc:
+            status = await self.service.failed("passkey", caller.actor)
+            if status.locked_until is not None:
+                return _locked(status.locked_until.isoformat())
+            # The challenge was consumed: the session must be saved without it.
+            response = json_error(400, "passkey_failed", str(exc))
+            return response
+        await self.service.succeeded("passkey", caller.actor)
+        self.service.forget(caller.identity.user_id)
+        return await self._verified_answer(request, caller, {"verified": True})
+
+    async def remove_passkey(self, request: web.Request) -> web.Response:
+        caller = await self.caller(request)
+        if isinstance(caller, web.Response):
+            return caller
+        if refused := self.cross_site(request, caller.session):
+            return refused
+        credential_id = credential_id_from(request.match_info["id"])
+        mine = [
+            p
+            for p in await self.service.store.passkeys(caller.identity.user_id)
+            if p.credential_id == credential_id
+        ]
+        if not mine:
+            return json_error(404, "not_found", "No such passkey on your account.")
+        if not self.stepped_up(caller):
+            return self.step_up_required(f"{self.prefix}/security")
+        last = caller.state.passkeys == 1 and not caller.state.totp
+        if last and self.required(caller.identity):
+            return json_error(
+                409,
+                "last_method",
+                "Your organization requires MFA: add another method before removing this one.",
+            )
+        if last and request.query.get("confirm") != "true":
+            return json_error(
+                409,
+                "confirm_required",
+                "This is your last sign-in method; removing it turns MFA off for you.",
+            )
+        await self.service.store.delete_passkey(caller.identity.user_id, mine[0].credential_id)
+        await self.service.methods_removed(caller.identity.user_id, caller.actor, "passkey")
+        return await self._verified_answer(request, caller, {"removed": True})
 
     # --- pages -----------------------------------------------------------------------------
 
@@ -431,8 +595,7 @@ def _locked(until: str) -> web.Response:
 
 
 def add_routes(app: web.Application, handlers: Handlers) -> None:
-    """Register the sidecar routes under the prefix, and a catch-all 404 for the prefix so
-    nothing below it is ever forwarded to the console."""
+    """Register the sidecar's own pages and personal JSON API under the prefix."""
     p = handlers.prefix
     r = app.router
     r.add_get(f"{p}/setup", handlers.setup_page)
@@ -442,8 +605,19 @@ def add_routes(app: web.Application, handlers: Handlers) -> None:
     r.add_post(f"{p}/api/totp/begin", handlers.totp_begin)
     r.add_post(f"{p}/api/totp/finish", handlers.totp_finish)
     r.add_delete(f"{p}/api/totp", handlers.remove_totp)
+    r.add_post(f"{p}/api/passkey/begin", handlers.passkey_begin)
+    r.add_post(f"{p}/api/passkey/finish", handlers.passkey_finish)
+    r.add_delete(f"{p}/api/passkeys/{{id}}", handlers.remove_passkey)
+    r.add_post(f"{p}/api/verify/passkey/begin", handlers.verify_passkey_begin)
+    r.add_post(f"{p}/api/verify/passkey/finish", handlers.verify_passkey_finish)
     r.add_post(f"{p}/api/verify/totp", handlers.verify_totp)
     r.add_post(f"{p}/api/verify/recovery", handlers.verify_recovery)
     r.add_post(f"{p}/api/recovery-codes/regenerate", handlers.regenerate_recovery_codes)
-    r.add_route("*", p, handlers.not_found)
-    r.add_route("*", f"{p}/{{tail:.*}}", handlers.not_found)
+
+
+def add_prefix_fallback(app: web.Application, handlers: Handlers) -> None:
+    """404 for anything else under the prefix, registered after every sidecar route and
+    before the proxy's catch-all: nothing below the prefix is ever forwarded."""
+    p = handlers.prefix
+    app.router.add_route("*", p, handlers.not_found)
+    app.router.add_route("*", f"{p}/{{tail:.*}}", handlers.not_found)

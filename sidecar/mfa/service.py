@@ -174,7 +174,7 @@ class MfaService:
             ban_seconds=lockout.ban,
         )
         self.metrics.verifications_total.labels(method, "failure").inc()
-        self.audit.record(
+        await self.audit.record(
             "mfa.verify",
             actor=actor.user,
             client_ip=actor.client_ip,
@@ -182,7 +182,7 @@ class MfaService:
             method=method,
         )
         if status.locked_until is not None:
-            self.audit.record(
+            await self.audit.record(
                 "mfa.lockout",
                 actor=actor.user,
                 client_ip=actor.client_ip,
@@ -196,7 +196,9 @@ class MfaService:
     async def succeeded(self, method: str, actor: Actor) -> None:
         await self.store.clear_failures([f"user:{user_key(actor.user)}"])
         self.metrics.verifications_total.labels(method, "success").inc()
-        self.audit.record("mfa.verify", actor=actor.user, client_ip=actor.client_ip, method=method)
+        await self.audit.record(
+            "mfa.verify", actor=actor.user, client_ip=actor.client_ip, method=method
+        )
 
     # --- TOTP ------------------------------------------------------------------------------
 
@@ -217,7 +219,7 @@ class MfaService:
             return False
         self.forget(user_id)
         self.metrics.enrollments_total.labels("totp").inc()
-        self.audit.record(
+        await self.audit.record(
             "mfa.enrolled", actor=actor.user, client_ip=actor.client_ip, method="totp"
         )
         return True
@@ -234,13 +236,14 @@ class MfaService:
     async def remove_totp(self, user_id: str, actor: Actor) -> bool:
         removed = await self.store.delete_totp(user_key(user_id))
         if removed:
-            await self._methods_removed(user_id, actor, method="totp")
+            await self.methods_removed(user_id, actor, "totp")
         return removed
 
-    async def _methods_removed(self, user_id: str, actor: Actor, *, method: str) -> None:
+    async def methods_removed(self, user_id: str, actor: Actor, method: str) -> None:
+        """After a method was removed: end verified sessions elsewhere, audit it."""
         await self.store.bump_mfa_generation(user_key(user_id))
         self.forget(user_id)
-        self.audit.record(
+        await self.audit.record(
             "mfa.removed",
             actor=actor.user,
             client_ip=actor.client_ip,
@@ -257,7 +260,7 @@ class MfaService:
             user_key(user_id), [h for h in hashes if h is not None], self.now()
         )
         self.forget(user_id)
-        self.audit.record(
+        await self.audit.record(
             "mfa.recovery_codes.issued" if first else "mfa.recovery_codes.regenerated",
             actor=actor.user,
             client_ip=actor.client_ip,
@@ -273,7 +276,7 @@ class MfaService:
         if used:
             self.forget(user_id)
             left = await self.store.recovery_codes_left(user_key(user_id))
-            self.audit.record(
+            await self.audit.record(
                 "mfa.recovery_code.used",
                 actor=actor.user,
                 client_ip=actor.client_ip,
@@ -292,7 +295,7 @@ class MfaService:
         await self.store.replace_recovery_codes(key, [], self.now())
         await self.store.bump_mfa_generation(key)
         self.forget(user_id)
-        self.audit.record(
+        await self.audit.record(
             "mfa.reset",
             actor=actor.user,
             client_ip=actor.client_ip,

@@ -155,3 +155,12 @@ def mark_grace_shown(session: Session) -> None:
 def verified_recently(session: Session, *, now: float, within: float) -> bool:
     verified_at = session.get(_VERIFIED_AT)
     return isinstance(verified_at, int | float) and now - verified_at < within
+
+
+def remember_challenge(session: Session, purpose: str, challenge_id: str) -> None:
+    """Keep the id of the WebAuthn challenge in progress (one per purpose)."""
+    session[f"wa:{purpose}"] = challenge_id
+
+
+def pop_challenge(session: Session, purpose: str) -> object:
+    return session.pop(f"wa:{purpose}", None)

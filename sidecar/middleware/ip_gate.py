@@ -50,7 +50,7 @@ def ip_gate_middleware(*, live: LiveSettings, audit: AuditLog) -> Middleware:
         request[REASON] = f"{verdict.list_name} {rule}" if rule else "no allowlist rule matched"
         client = str(ip)
         if recently_audited.first_in_window(client, time.monotonic()):
-            audit.record(
+            await audit.record(
                 "ip.blocked",
                 actor=None,
                 client_ip=client,

@@ -4,7 +4,8 @@ One interface, two implementations sharing schema and queries (SQLite embedded, 
 several replicas). Every single-use operation (a TOTP time step, a recovery code, a WebAuthn
 challenge) is one atomic conditional statement, so two replicas or two concurrent requests can
 never both succeed. Times are timezone-aware UTC ``datetime`` values from the caller (the
-server clock), never taken inside the store, so behaviour is testable.
+server clock), never taken inside the store, so behaviour is testable; a naive ``datetime``
+is a caller error (``ValueError``).
 
 User ids are compared case-insensitively: the store keys users by ``user_key(id)``.
 """
@@ -110,7 +111,9 @@ class AuditEntry:
 class Store(Protocol):
     # lifecycle ---------------------------------------------------------------------------
     async def migrate(self) -> None:
-        """Create or upgrade the schema (versioned migrations, applied at start)."""
+        """Create or upgrade the schema (versioned migrations, applied at start). Safe to run
+        from several processes at once; refuses (StoreUnavailable) a schema newer than the
+        code."""
 
     async def ping(self) -> None:
         """Raise StoreUnavailable when the database cannot answer (for /readyz)."""
@@ -135,7 +138,8 @@ class Store(Protocol):
     async def mfa_state(self, user_id: str) -> MfaState: ...
 
     async def bump_mfa_generation(self, user_id: str) -> int:
-        """Invalidate verified sessions of the user (after a reset or method removal)."""
+        """Invalidate verified sessions of the user (after a reset or method removal); returns
+        the new generation. Works for any user id, recorded by ``touch_user`` or not."""
 
     # TOTP -------------------------------------------------------------------------------
     async def set_pending_totp(self, user_id: str, secret: str, now: datetime) -> None:
@@ -172,7 +176,10 @@ class Store(Protocol):
 
     async def user_for_handle(self, handle: bytes) -> str | None: ...
 
-    async def add_passkey(self, record: PasskeyRecord) -> None: ...
+    async def add_passkey(self, record: PasskeyRecord) -> None:
+        """Store a new credential. A credential id already registered (to anyone) raises
+        ``ValueError`` and changes nothing: credential ids are public, and overwriting one
+        would hand its owner's sign-in to whoever registered it again."""
 
     async def passkeys(self, user_id: str) -> list[PasskeyRecord]: ...
 
@@ -225,9 +232,14 @@ class Store(Protocol):
         ban_seconds: float,
     ) -> LockoutStatus:
         """Count one failure against each key (failures older than the window expire); a key
-        reaching ``max_failures`` is banned until ``now + ban``. Returns the strictest."""
+        reaching ``max_failures`` is banned until ``now + ban``. Returns the strictest.
 
-    async def clear_failures(self, keys: list[str]) -> None: ...
+        The window is fixed: it opens at a key's first failure and lasts ``window_seconds``
+        (as configured then); the next failure after it, or after a served ban, opens a new
+        one. Failures during a ban are counted but do not extend it."""
+
+    async def clear_failures(self, keys: list[str]) -> None:
+        """Forget the keys' failures and bans (e.g. the user key after a success)."""
 
     # security settings ------------------------------------------------------------------
     async def settings(self) -> SecuritySettings | None: ...

@@ -49,7 +49,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
-from sqlalchemy.exc import DBAPIError, DisconnectionError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, StatementError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -101,7 +101,7 @@ def async_url(url: str | URL) -> URL:
     backend, _, driver = parsed.drivername.partition("+")
     if backend == "sqlite" and driver in ("", "aiosqlite"):
         database = parsed.database or ""
-        if database in ("", ":memory:") or "mode=memory" in database:
+        if not database or ":memory:" in database or parsed.query.get("mode") == "memory":
             # Every pooled connection would see its own empty database (or all would share one
             # connection and its transaction): use a file, e.g. under the test's tmp_path.
             raise ValueError("storage.url: in-memory SQLite is not supported, give a file path")
@@ -200,6 +200,12 @@ class SqlStore:
                 yield conn
         except _DATABASE_ERRORS as error:
             raise StoreUnavailable(_describe(error)) from error
+        except StatementError as error:
+            # A value the statement could not take (a naive datetime): the caller's bug,
+            # reported as the ValueError it is rather than as a database failure.
+            if isinstance(error.orig, ValueError):
+                raise error.orig from None
+            raise
 
     def _insert(self, table: Table) -> postgresql.Insert | sqlite.Insert:
         """The dialect's INSERT, which carries ``on_conflict_do_*``."""

@@ -11,14 +11,13 @@
   let csrfToken = main.dataset.csrfToken || "";
   const statusEl = byId("mfa-status");
 
-  // Same check as pages.local_path: only a same-origin relative path, never "//host".
-  const localPath = (p) =>
-    typeof p === "string" && p.startsWith("/") && !p.startsWith("//") && !p.includes("\\") ? p : "/";
+  // Same rule as pages.local_path: a same-origin relative path only, never "//host".
+  const localPath = (p) => (typeof p === "string" && p.startsWith("/") && !p.startsWith("//")
+    && !p.includes("\\") ? p : "/");
   const nextPath = localPath(main.dataset.nextPath);
   const goNext = () => window.location.assign(nextPath);
 
   function say(text, kind = "info") {
-    if (!statusEl) return;
     statusEl.textContent = text;
     statusEl.dataset.kind = kind;
   }
@@ -28,8 +27,8 @@
       super(body && typeof body.message === "string" ? body.message
         : `Something went wrong (HTTP ${status}). Please try again.`);
       this.status = status;
-      this.code = body && body.error ? String(body.error) : "http_" + status;
       this.body = body || {};
+      this.code = this.body.error ? String(this.body.error) : `http_${status}`;
     }
   }
 
@@ -47,109 +46,99 @@
       throw new ApiError(0, { error: "network",
         message: "Can't reach the server. Check your connection and try again." });
     }
-    let data = null;
-    try { data = await res.json(); } catch (err) { data = null; }
+    const data = await res.json().catch(() => null);
     if (res.ok) return data || {};
-    // A stale CSRF token (the session was renewed in another tab): fetch a fresh one, retry once.
+    // A stale CSRF token (the session was renewed in another tab): take a fresh one, retry once.
     if (res.status === 403 && !retried && data && /csrf/i.test(String(data.error || ""))) {
-      try {
-        const st = await fetch(`${prefix}/api/status`, { credentials: "same-origin" });
-        const fresh = st.ok ? await st.json() : null;
-        if (fresh && fresh.csrf_token) {
-          csrfToken = fresh.csrf_token;
-          return api(path, body, true);
-        }
-      } catch (err) { /* fall through to the original error */ }
+      const fresh = await fetch(`${prefix}/api/status`, { credentials: "same-origin" })
+        .then((r) => (r.ok ? r.json() : null)).catch(() => null);
+      if (fresh && fresh.csrf_token) {
+        csrfToken = fresh.csrf_token;
+        return api(path, body, true);
+      }
     }
     throw new ApiError(res.status, data);
   }
 
-  // --- WebAuthn: JSON <-> browser objects, native helpers when present ---------------------
+  // --- WebAuthn: JSON <-> browser objects; native helpers when present, else a fallback ----
   const webauthnAvailable = () =>
     typeof window.PublicKeyCredential === "function" && !!navigator.credentials;
 
-  function toB64url(buf) {
-    const bytes = new Uint8Array(buf);
-    let bin = "";
-    for (let i = 0; i < bytes.length; i++) bin += String.fromCharCode(bytes[i]);
-    return btoa(bin).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
-  }
-
-  function fromB64url(text) {
+  // WebAuthn buffers are small (at most a few KiB), so spreading them into arguments is safe.
+  const toB64url = (buf) => btoa(String.fromCharCode(...new Uint8Array(buf)))
+    .replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+  const fromB64url = (text) => {
     const b64 = text.replace(/-/g, "+").replace(/_/g, "/");
     const bin = atob(b64 + "===".slice((b64.length + 3) % 4));
-    const out = new Uint8Array(bin.length);
-    for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
-    return out.buffer;
-  }
-
+    return Uint8Array.from(bin, (c) => c.charCodeAt(0)).buffer;
+  };
   const decodeIds = (list) => (list || []).map((c) => ({ ...c, id: fromB64url(c.id) }));
 
-  function creationOptions(json) {
+  // Options JSON -> what navigator.credentials takes: PublicKeyCredential.parseCreationOptions-
+  // FromJSON / parseRequestOptionsFromJSON where the browser has them, else decoded by hand.
+  function parseOptions(json, kind) {
     const opts = json.publicKey || json;
-    const PKC = window.PublicKeyCredential;
-    if (typeof PKC.parseCreationOptionsFromJSON === "function") {
-      return PKC.parseCreationOptionsFromJSON(opts);
-    }
-    return { ...opts, challenge: fromB64url(opts.challenge),
-      user: { ...opts.user, id: fromB64url(opts.user.id) },
-      excludeCredentials: decodeIds(opts.excludeCredentials) };
-  }
+    const parse = PublicKeyCredential[`parse${kind}OptionsFromJSON`];
+    if (typeof parse === "function") return parse.call(PublicKeyCredential, opts);
+    const out = { ...opts, challenge: fromB64url(opts.challenge) };
 
-  function requestOptions(json) {
-    const opts = json.publicKey || json;
-    const PKC = window.PublicKeyCredential;
-    if (typeof PKC.parseRequestOptionsFromJSON === "function") {
-      return PKC.parseRequestOptionsFromJSON(opts);
-    }
-    return { ...opts, challenge: fromB64url(opts.challenge),
-      allowCredentials: decodeIds(opts.allowCredentials) };
+    if (opts.excludeCredentials) out.excludeCredentials = decodeIds(opts.excludeCredentials);
+    if (opts.allowCredentials) out.allowCredentials = decodeIds(opts.allowCredentials);
+    return out;
   }
 
   function credentialJSON(cred) {
-    if (typeof cred.toJSON === "function") {
-      try { return cred.toJSON(); } catch (err) { /* use the fallback below */ }
-    }
+    if (typeof cred.toJSON === "function") return cred.toJSON();
     const r = cred.response;
     const response = { clientDataJSON: toB64url(r.clientDataJSON) };
     if (r.attestationObject) {
       response.attestationObject = toB64url(r.attestationObject);
       response.transports = typeof r.getTransports === "function" ? r.getTransports() : [];
     }
-    if (r.authenticatorData) response.authenticatorData = toB64url(r.authenticatorData);
-    if (r.signature) response.signature = toB64url(r.signature);
-    if (r.userHandle) response.userHandle = toB64url(r.userHandle);
+    for (const key of ["authenticatorData", "signature", "userHandle"]) {
+      if (r[key]) response[key] = toB64url(r[key]);
+    }
     const out = { id: cred.id, rawId: toB64url(cred.rawId), type: cred.type, response,
-      clientExtensionResults: typeof cred.getClientExtensionResults === "function"
+      clientExtensionResults: cred.getClientExtensionResults
         ? cred.getClientExtensionResults() : {} };
     if (cred.authenticatorAttachment) out.authenticatorAttachment = cred.authenticatorAttachment;
     return out;
   }
 
+  // Cancelled, timed out or refused ceremonies, in words a person can act on.
   function ceremonyMessage(err, creating) {
-    const name = err && err.name;
-    if (name === "NotAllowedError" || name === "AbortError") {
-      return creating ? "The passkey wasn't created (it was cancelled or timed out)."
-        : "The passkey check was cancelled or timed out.";
+    switch (err && err.name) {
+      case "NotAllowedError": case "AbortError":
+        return creating ? "The passkey wasn't created (it was cancelled or timed out)."
+          : "The passkey check was cancelled or timed out.";
+      case "InvalidStateError": return "This device already has a passkey for your account.";
+      case "SecurityError":
+        return "Passkeys can't be used at this address. Ask your administrator.";
+      default: return `Your browser couldn't ${creating ? "create" : "use"} the passkey.`;
     }
-    if (name === "InvalidStateError") {
-      return "This device already has a passkey for your account. Try another device, or use an authenticator app.";
-    }
-    if (name === "SecurityError") return "This site can't use passkeys at this address. Ask your administrator.";
-    return creating ? "Your browser couldn't create a passkey." : "Your browser couldn't use the passkey.";
   }
 
-  function busy(el, on) {
-    if (el) el.disabled = on;
-    main.setAttribute("aria-busy", on ? "true" : "false");
+  // Runs work() with button disabled; an error's message goes to the status region.
+  async function withButton(button, work) {
+    button.disabled = true;
+    try {
+      await work();
+      return null;
+    } catch (err) {
+      say(err.message, "error");
+      return err;
+    } finally {
+      button.disabled = false;
+    }
   }
 
   const readCode = (input) => input.value.replace(/[\s-]/g, "");
 
-  function markInvalid(input, on) {
+  function markInvalid(input) {
     if (!input) return;
-    if (on) { input.setAttribute("aria-invalid", "true"); input.focus(); input.select(); }
-    else input.removeAttribute("aria-invalid");
+    input.setAttribute("aria-invalid", "true");
+    input.focus();
+    input.select();
   }
 
   async function copyText(text, done) {
@@ -166,14 +155,12 @@
     const totpSection = byId("totp-section");
     const toggle = byId("show-totp");
     const passkeyForm = byId("passkey-form");
-    let savedCodes = false;
 
     function showTotp(focus) {
       totpSection.hidden = false;
       toggle.setAttribute("aria-expanded", "true");
       if (focus) totpSection.focus();
     }
-
     toggle.addEventListener("click", () => showTotp(true));
 
     if (!webauthnAvailable()) {
@@ -182,19 +169,18 @@
       showTotp(false);
     }
 
+    // After an enrollment: recovery codes (first enrollment only), else straight on.
     function finished(result, what) {
-      const codes = result && Array.isArray(result.recovery_codes) ? result.recovery_codes : null;
-      if (!codes || codes.length === 0) {
+      const codes = Array.isArray(result.recovery_codes) ? result.recovery_codes : [];
+      if (codes.length === 0) {
         say(`${what} Taking you back…`, "ok");
         goNext();
         return;
       }
       for (const id of ["passkey-section", "totp-section", "setup-footer"]) {
-        const el = byId(id);
-        if (el) el.hidden = true;
+        if (byId(id)) byId(id).hidden = true;
       }
-      const list = byId("recovery-codes");
-      list.replaceChildren(...codes.map((code) => {
+      byId("recovery-codes").replaceChildren(...codes.map((code) => {
         const li = document.createElement("li");
         li.textContent = code;
         return li;
@@ -203,43 +189,41 @@
       step.hidden = false;
       say(`${what} Now save your recovery codes.`, "ok");
       step.focus();
-      window.addEventListener("beforeunload", (ev) => {
-        if (!savedCodes) ev.preventDefault();
-      });
-      const text = () => [
-        `Recovery codes for ${main.dataset.appName || "your account"} (${main.dataset.user || ""})`,
-        "Each code can be used once to sign in if you lose your passkey or authenticator app.",
-        "", ...codes, ""].join("\n");
-      byId("recovery-copy").addEventListener("click", () => copyText(codes.join("\n"), "Codes copied."));
+
+      const saved = byId("recovery-saved");
+      const cont = byId("recovery-continue");
+      const warnOnLeave = (ev) => { if (!saved.checked) ev.preventDefault(); };
+      window.addEventListener("beforeunload", warnOnLeave);
+      byId("recovery-copy").addEventListener("click",
+        () => copyText(codes.join("\n"), "Codes copied."));
       byId("recovery-download").addEventListener("click", () => {
-        const url = URL.createObjectURL(new Blob([text()], { type: "text/plain" }));
+        const who = `${main.dataset.appName || "your account"} (${main.dataset.user || ""})`;
+        const text = [`Recovery codes for ${who}`,
+          "Each code signs you in once if you lose your passkey or authenticator app.",
+          "", ...codes, ""].join("\n");
         const a = document.createElement("a");
-        a.href = url;
+        a.href = URL.createObjectURL(new Blob([text], { type: "text/plain" }));
         a.download = "recovery-codes.txt";
         document.body.append(a);
         a.click();
         a.remove();
-        setTimeout(() => URL.revokeObjectURL(url), 10000);
+        setTimeout(() => URL.revokeObjectURL(a.href), 10000);
       });
-      const saved = byId("recovery-saved");
-      const cont = byId("recovery-continue");
       saved.addEventListener("change", () => { cont.disabled = !saved.checked; });
       byId("recovery-form").addEventListener("submit", (ev) => {
         ev.preventDefault();
         if (!saved.checked) return;
-        savedCodes = true;
+        window.removeEventListener("beforeunload", warnOnLeave);
         goNext();
       });
     }
 
-    passkeyForm.addEventListener("submit", async (ev) => {
+    passkeyForm.addEventListener("submit", (ev) => {
       ev.preventDefault();
-      const button = byId("passkey-create");
       const name = byId("passkey-name").value.trim() || "Passkey";
-      busy(button, true);
       say("Follow your browser's prompt to create the passkey…");
-      try {
-        const options = creationOptions(await api("passkey/begin"));
+      withButton(byId("passkey-create"), async () => {
+        const options = parseOptions(await api("passkey/begin"), "Creation");
         let cred;
         try {
           cred = await navigator.credentials.create({ publicKey: options });
@@ -251,30 +235,19 @@
         }
         finished(await api("passkey/finish", { credential: credentialJSON(cred), name }),
           "Passkey created.");
-      } catch (err) {
-        say(err.message, "error");
-      } finally {
-        busy(button, false);
-      }
+      });
     });
 
-    byId("totp-begin").addEventListener("click", async (ev) => {
-      const button = ev.currentTarget;
-      busy(button, true);
-      try {
-        const data = await api("totp/begin");
-        byId("totp-qr").innerHTML = data.qr_svg; // server-generated SVG (segno)
-        byId("totp-secret").textContent = (data.secret.match(/.{1,4}/g) || []).join(" ");
-        byId("totp-copy-secret").onclick = () => copyText(data.secret, "Key copied.");
-        byId("totp-enroll").hidden = false;
-        button.hidden = true;
-        say("Scan the QR code with your app, then enter the 6-digit code it shows.");
-      } catch (err) {
-        say(err.message, "error");
-      } finally {
-        busy(button, false);
-      }
-    });
+    const begin = byId("totp-begin");
+    begin.addEventListener("click", () => withButton(begin, async () => {
+      const data = await api("totp/begin");
+      byId("totp-qr").innerHTML = data.qr_svg; // SVG generated server-side by segno
+      byId("totp-secret").textContent = (data.secret.match(/.{1,4}/g) || []).join(" ");
+      byId("totp-copy-secret").onclick = () => copyText(data.secret, "Key copied.");
+      byId("totp-enroll").hidden = false;
+      begin.hidden = true;
+      say("Scan the QR code with your app, then enter the 6-digit code it shows.");
+    }));
 
     byId("totp-form").addEventListener("submit", async (ev) => {
       ev.preventDefault();
@@ -282,27 +255,20 @@
       const code = readCode(input);
       if (!/^\d{6}$/.test(code)) {
         say("Enter the 6-digit code from your authenticator app.", "error");
-        markInvalid(input, true);
+        markInvalid(input);
         return;
       }
-      const button = byId("totp-submit");
-      busy(button, true);
-      try {
-        const result = await api("totp/finish", { code });
-        markInvalid(input, false);
-        finished(result, "Authenticator app turned on.");
-      } catch (err) {
-        say(err.message, "error");
-        if (err.code === "invalid_code") markInvalid(input, true);
-      } finally {
-        busy(button, false);
-      }
+      const err = await withButton(byId("totp-submit"), async () => {
+        finished(await api("totp/finish", { code }), "Authenticator app turned on.");
+      });
+      if (err && err.code === "invalid_code") markInvalid(input);
     });
   }
 
   // --- verify page -------------------------------------------------------------------------
   function verifyPage() {
     const lockables = () => main.querySelectorAll("[data-lockable]");
+    const notice = byId("lockout-notice");
     let unlockTimer = null;
 
     function lock(untilIso, message) {
@@ -310,35 +276,30 @@
       const ms = until.getTime() - Date.now();
       if (!(ms > 0)) return;
       for (const el of lockables()) el.disabled = true;
-      const at = until.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
-      if (message) byId("lockout-text").textContent = `${message} You can try again after ${at}.`;
-      byId("lockout-notice").hidden = false;
+      if (message) {
+        const at = until.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+        byId("lockout-text").textContent = `${message} You can try again after ${at}.`;
+      }
+      notice.hidden = false;
       clearTimeout(unlockTimer);
       unlockTimer = setTimeout(() => {
         for (const el of lockables()) el.disabled = false;
-        byId("lockout-notice").hidden = true;
+        notice.hidden = true;
         say("You can try again now.");
       }, Math.min(ms + 500, 2147483000));
     }
-
     if (main.dataset.lockedUntil) lock(main.dataset.lockedUntil, "");
 
     async function attempt(run, button, input) {
-      busy(button, true);
-      try {
+      const err = await withButton(button, async () => {
         await run();
         say("Verified. Continuing…", "ok");
         goNext();
-        return; // stay disabled while the next page loads
-      } catch (err) {
-        busy(button, false);
-        say(err.message, "error");
-        if (err instanceof ApiError && err.status === 429 && err.body.locked_until) {
-          lock(err.body.locked_until, err.message);
-        } else if (err.code === "invalid_code") {
-          markInvalid(input, true);
-        }
-      }
+      });
+      if (!err) button.disabled = true; // stay disabled while the next page loads
+      else if (err instanceof ApiError && err.status === 429 && err.body.locked_until) {
+        lock(err.body.locked_until, err.message);
+      } else if (err.code === "invalid_code") markInvalid(input);
     }
 
     const passkeyButton = byId("passkey-verify-button");
@@ -350,7 +311,7 @@
     } else if (passkeyButton) {
       passkeyButton.addEventListener("click", () => attempt(async () => {
         say("Follow your browser's prompt to use your passkey…");
-        const options = requestOptions(await api("verify/passkey/begin"));
+        const options = parseOptions(await api("verify/passkey/begin"), "Request");
         let cred;
         try {
           cred = await navigator.credentials.get({ publicKey: options });
@@ -362,22 +323,21 @@
       }, passkeyButton, null));
     }
 
-    function codeForm(formId, inputId, path, check, hint) {
+    function codeForm(formId, inputId, path, shape, hint) {
       const form = byId(formId);
       if (!form) return;
       form.addEventListener("submit", (ev) => {
         ev.preventDefault();
         const input = byId(inputId);
-        const code = check ? readCode(input) : input.value.trim();
-        if (!code || (check && !check.test(code))) {
+        const code = shape ? readCode(input) : input.value.trim();
+        if (!code || (shape && !shape.test(code))) {
           say(hint, "error");
-          markInvalid(input, true);
+          markInvalid(input);
           return;
         }
         attempt(() => api(path, { code }), form.querySelector("button[type=submit]"), input);
       });
     }
-
     codeForm("totp-verify-form", "verify-code", "verify/totp", /^\d{6}$/,
       "Enter the 6-digit code from your authenticator app.");
     codeForm("recovery-verify-form", "recovery-code", "verify/recovery", null,

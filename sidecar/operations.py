@@ -1,0 +1,137 @@
+"""Break-glass and maintenance commands that work on the store directly (no server needed):
+``sidecar audit verify``, ``sidecar users reset-mfa``, ``sidecar security show|set``.
+
+Each change is audited with actor ``cli``; replicas pick settings changes up within seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from prometheus_client import CollectorRegistry
+
+from sidecar.audit import AuditLog
+from sidecar.config import Config, parse_duration
+from sidecar.mfa.admin import settings_json, validate_lines
+from sidecar.mfa.policy import MfaPolicy
+from sidecar.mfa.service import Actor, MfaMetrics, MfaService
+from sidecar.settings import SettingsService
+from sidecar.store import open_store
+from sidecar.store.base import Store, StoreUnavailable
+from sidecar.store.chain import verify_chain
+
+CLI_ACTOR = Actor("cli", None)
+
+
+@asynccontextmanager
+async def _store(config: Config) -> AsyncIterator[Store]:
+    store = open_store(config.storage.url, config.storage.encryption_key)
+    try:
+        await store.migrate()
+        yield store
+    finally:
+        await store.close()
+
+
+async def audit_verify(config: Config) -> tuple[bool, str]:
+    async with _store(config) as store:
+        entries = await store.all_audit_entries()
+    broken = verify_chain(entries)
+    if broken is None:
+        last = entries[-1].hash[:16] if entries else "-"
+        return True, f"audit chain intact: {len(entries)} records (last hash {last}...)"
+    return False, (
+        f"audit chain BROKEN at record {broken}: it was edited, deleted, reordered or "
+        "inserted out of order (records before it verify)"
+    )
+
+
+async def reset_mfa(config: Config, user_id: str) -> str:
+    async with _store(config) as store:
+        audit = AuditLog(config.audit.file, CollectorRegistry(), store)
+        try:
+            service = MfaService(
+                store=store, config=config, audit=audit, metrics=MfaMetrics(CollectorRegistry())
+            )
+            removed = await service.reset(user_id, CLI_ACTOR)
+        finally:
+            audit.close()
+    return (
+        f"removed every MFA method of {user_id}; they will be asked to enroll again"
+        if removed
+        else f"{user_id} had no MFA methods; nothing removed (recorded in the audit log)"
+    )
+
+
+async def security_show(config: Config) -> str:
+    async with _store(config) as store:
+        settings = SettingsService(store, config, lambda _: None)
+        await settings.load()
+        if settings.current is None:
+            raise StoreUnavailable("no security settings in the store")
+        return json.dumps(settings_json(settings.current, config.security.managed_by), indent=2)
+
+
+async def security_set(
+    config: Config,
+    *,
+    mfa_policy: str | None,
+    grace_period: str | None,
+    allowlist: list[str] | None,
+    denylist: list[str] | None,
+) -> tuple[bool, str]:
+    problems: list[str] = []
+    if mfa_policy is not None and mfa_policy not in {p.value for p in MfaPolicy}:
+        problems.append(f"--mfa-policy {mfa_policy!r}: must be optional, admins or all")
+    grace: float | None = None
+    if grace_period is not None:
+        try:
+            grace = parse_duration(grace_period)
+        except ValueError as exc:
+            problems.append(f"--grace-period {grace_period!r}: {exc}")
+    lists: dict[str, list[str]] = {}
+    for name, given in (("ip_allowlist", allowlist), ("ip_denylist", denylist)):
+        if given is not None:
+            good, errors = validate_lines(name, given)
+            problems += [f"{name} line {e['line']}: {e['value']!r} {e['reason']}" for e in errors]
+            lists[name] = good
+    if problems:
+        return False, "\n".join(problems)
+    async with _store(config) as store:
+        audit = AuditLog(config.audit.file, CollectorRegistry(), store)
+        try:
+            settings = SettingsService(store, config, lambda _: None)
+            await settings.load()
+            current = settings.current
+            if current is None:
+                raise StoreUnavailable("no security settings in the store")
+            saved = await settings.change(
+                mfa_policy=mfa_policy or current.mfa_policy,
+                grace_period_seconds=current.grace_period_seconds if grace is None else grace,
+                ip_allowlist=tuple(lists.get("ip_allowlist", current.ip_allowlist)),
+                ip_denylist=tuple(lists.get("ip_denylist", current.ip_denylist)),
+                actor="cli",
+                expected_version=current.version,
+            )
+            if saved is None:
+                return False, "the settings changed while saving; run the command again"
+            await audit.record(
+                "security.settings.changed",
+                actor="cli",
+                client_ip=None,
+                target="security",
+                version=saved.version,
+                old=settings_json(current, config.security.managed_by),
+                new=settings_json(saved, config.security.managed_by),
+            )
+        finally:
+            audit.close()
+    note = ""
+    if config.security.managed_by == "config":
+        note = (
+            "\nnote: security.managed_by is config: the next start or reload writes the YAML "
+            "values back; change the YAML too"
+        )
+    return True, json.dumps(settings_json(saved, config.security.managed_by), indent=2) + note
