@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from sidecar.config import Config, ConfigError, parse_config
 from sidecar.demo_console import DEMO_USERS, build_demo_console
 from sidecar.logs import configure_logging
 from sidecar.server import run_until_stopped, serve
+from sidecar.settings import SettingsService
+from sidecar.store import open_store
 
 
 def _keys(data_dir: Path) -> dict[str, str]:
@@ -72,7 +75,27 @@ def _free_port() -> int:
         return port
 
 
+async def seed_demo_state(config: Config) -> None:
+    """Make the demo show the rollout: policy ``admins``; alice (owner) is past her grace
+    period, bob (admin) inside it, carol and dave (members) are not required."""
+    store = open_store(config.storage.url, config.storage.encryption_key)
+    try:
+        await store.migrate()
+        settings = SettingsService(store, config, lambda _: None)
+        await settings.load()
+        epoch = settings.current.policy_epoch if settings.current else 1
+        now = datetime.now(UTC)
+        starts = {"u-alice": now - timedelta(days=4), "u-bob": now - timedelta(hours=20)}
+        for user in DEMO_USERS:
+            await store.touch_user(user.id, email=user.email, role=user.role, now=now)
+            if user.id in starts:
+                await store.grace_started(user.id, epoch, starts[user.id])
+    finally:
+        await store.close()
+
+
 async def _demo(config: Config, console_port: int) -> None:
+    await seed_demo_state(config)
     console = web.AppRunner(build_demo_console(), access_log=None)
     await console.setup()
     await web.TCPSite(console, "127.0.0.1", console_port).start()
@@ -107,8 +130,13 @@ def run_demo(*, host: str, port: int, data_dir: str, admin_port: int = 9090) -> 
         "Users (password 'demo' for all):",
         flush=True,
     )
+    notes = {
+        "u-alice": "MFA required, grace period over: must set up MFA",
+        "u-bob": "MFA required, inside the grace period",
+    }
     for user in DEMO_USERS:
-        print(f"  {user.id.removeprefix('u-'):<8} {user.role:<7} {user.email}", flush=True)
+        note = notes.get(user.id, "member: MFA optional")
+        print(f"  {user.id.removeprefix('u-'):<8} {user.role:<7} {note}", flush=True)
     print("\nStop with Ctrl-C.\n", flush=True)
     try:
         run_until_stopped(_demo(config, console_port))

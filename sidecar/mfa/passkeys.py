@@ -180,7 +180,10 @@ class Passkeys:
             created_at=now,
             last_used_at=None,
         )
-        await self._store.add_passkey(record)
+        try:
+            await self._store.add_passkey(record)
+        except ValueError as exc:  # registered concurrently by another request
+            raise PasskeyError("This passkey is already registered.") from exc
         return record
 
     async def begin_authentication(self, *, user_id: str, session_id: str, now: datetime) -> Begun:

@@ -3,7 +3,8 @@
 ``store`` is a migrated, empty store; ``replica`` is a second, independent store (its own
 connection pool) on the same database, standing in for another sidecar replica; ``target``
 describes the database, for tests that open more stores or read tables directly;
-``empty_target`` is a database nobody has migrated yet.
+``empty_target`` is a database nobody has migrated yet, and ``private_store`` a migrated store
+on one, for tests that alter the schema.
 
 SQLite tests get a new file each. PostgreSQL tests share one schema per test session, created
 and migrated once and emptied before each test (a new schema per test costs ~100 ms of DDL).
@@ -101,6 +102,17 @@ async def store(target: StoreTarget) -> AsyncIterator[SqlStore]:
     opened = target.open()
     try:
         await opened.migrate()  # a no-op on the shared PostgreSQL schema
+        yield opened
+    finally:
+        await opened.close()
+
+
+@pytest.fixture
+async def private_store(empty_target: StoreTarget) -> AsyncIterator[SqlStore]:
+    """A migrated store on a database of its own, for tests that alter the schema."""
+    opened = empty_target.open()
+    try:
+        await opened.migrate()
         yield opened
     finally:
         await opened.close()

@@ -1,0 +1,313 @@
+"""Opening, migrating, failing and recovering."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.fernet import Fernet
+from sqlalchemy import Connection, inspect, select, text
+
+from sidecar.store import (
+    PasskeyRecord,
+    SecuritySettings,
+    SqlStore,
+    Store,
+    StoreUnavailable,
+    open_store,
+)
+from sidecar.store import schema as tables
+from sidecar.store.migrations import LATEST_VERSION
+from sidecar.store.sql import async_url
+from tests.store.support import StoreTarget, postgres_url
+
+T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+KEY = Fernet.generate_key().decode()
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("sqlite:////var/lib/sidecar/state.db", "sqlite+aiosqlite:////var/lib/sidecar/state.db"),
+        ("sqlite:///state.db", "sqlite+aiosqlite:///state.db"),
+        ("sqlite+aiosqlite:///state.db", "sqlite+aiosqlite:///state.db"),
+        ("postgresql://u:p@db:5432/sidecar", "postgresql+asyncpg://u:p@db:5432/sidecar"),
+        ("postgres://u@db/sidecar", "postgresql+asyncpg://u@db/sidecar"),
+        ("postgresql+asyncpg://u@db/sidecar", "postgresql+asyncpg://u@db/sidecar"),
+    ],
+)
+def test_urls_map_to_async_drivers(url: str, expected: str) -> None:
+    assert async_url(url).render_as_string(hide_password=False) == expected
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql://u@db/sidecar",
+        "postgresql+psycopg2://u@db/sidecar",
+        "sqlite+pysqlite:///x.db",
+        "sqlite://",
+        "sqlite:///:memory:",
+        "sqlite:///file::memory:?cache=shared&uri=true",
+        "sqlite:///file:x?mode=memory&uri=true",
+    ],
+)
+def test_unsupported_urls_are_refused(url: str) -> None:
+    with pytest.raises(ValueError, match=r"storage\.url"):
+        open_store(url, KEY)
+
+
+def test_bad_keys_and_misplaced_schemas_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="Fernet key"):
+        open_store(f"sqlite:///{tmp_path / 's.db'}", "not-a-key")
+    with pytest.raises(ValueError, match="PostgreSQL"):
+        open_store(f"sqlite:///{tmp_path / 's.db'}", KEY, schema="x")
+
+
+async def test_migrate_creates_the_schema_once(empty_target: StoreTarget) -> None:
+    store = empty_target.open()
+    try:
+        assert await store.schema_version() == 0
+        await store.migrate()
+        assert await store.schema_version() == LATEST_VERSION
+        await store.touch_user("alice", email=None, role=None, now=T0)
+
+        await store.migrate()  # a no-op, keeping the data
+        async with store.engine.connect() as conn:
+            versions = (await conn.execute(select(tables.schema_version.c.version))).all()
+        assert [v for (v,) in versions] == list(range(1, LATEST_VERSION + 1))
+        assert [u.user_id for u in await store.list_users()] == ["alice"]
+    finally:
+        await store.close()
+
+
+async def test_concurrent_migrations_apply_each_step_once(empty_target: StoreTarget) -> None:
+    stores = [empty_target.open() for _ in range(3)]
+    try:
+        await asyncio.gather(*(s.migrate() for s in stores))
+        async with stores[0].engine.connect() as conn:
+            count = (await conn.execute(text("SELECT count(*) FROM schema_version"))).scalar()
+        assert count == LATEST_VERSION
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_migrations_build_the_tables_the_queries_use(store: SqlStore) -> None:
+    def describe(conn: Connection) -> dict[str, Any]:
+        inspector = inspect(conn)
+        return {
+            name: (
+                {(c["name"], bool(c["nullable"])) for c in inspector.get_columns(name)},
+                set(inspector.get_pk_constraint(name)["constrained_columns"]),
+            )
+            for name in inspector.get_table_names()
+        }
+
+    async with store.engine.connect() as conn:
+        migrated = await conn.run_sync(describe)
+    expected = {
+        table.name: (
+            {(c.name, bool(c.nullable)) for c in table.columns},
+            {c.name for c in table.primary_key.columns},
+        )
+        for table in tables.metadata.sorted_tables
+    }
+    assert migrated == expected
+
+
+async def test_a_newer_schema_is_refused(private_store: SqlStore) -> None:
+    store = private_store
+    async with store.engine.begin() as conn:
+        await conn.execute(
+            tables.schema_version.insert().values(
+                version=LATEST_VERSION + 1, description="from the future", applied_at=T0
+            )
+        )
+    with pytest.raises(StoreUnavailable, match="newer than this sidecar"):
+        await store.migrate()
+
+
+async def test_sqlite_connections_are_configured(tmp_path: Path) -> None:
+    store = SqlStore(f"sqlite:///{tmp_path / 's.db'}", KEY)
+    try:
+        await store.migrate()
+        async with store.engine.connect() as conn:
+            pragmas = [
+                (await conn.exec_driver_sql(f"PRAGMA {name}")).scalar()
+                for name in ("journal_mode", "foreign_keys", "busy_timeout")
+            ]
+        assert pragmas == ["wal", 1, 5000]
+    finally:
+        await store.close()
+
+
+async def test_naive_datetimes_are_a_caller_error(store: SqlStore) -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        await store.touch_user("alice", email=None, role=None, now=datetime(2030, 1, 1))
+
+
+# Unavailability ----------------------------------------------------------------------------
+
+PASSKEY = PasskeyRecord(
+    credential_id=b"c",
+    user_id="alice",
+    public_key=b"k",
+    sign_count=0,
+    transports=(),
+    aaguid="",
+    backup_eligible=False,
+    backup_state=False,
+    name="n",
+    created_at=T0,
+    last_used_at=None,
+)
+SETTINGS = SecuritySettings("all", 1.0, (), (), 1, 0, None, T0)
+LOCKOUT = {"now": T0, "window_seconds": 60.0, "max_failures": 5, "ban_seconds": 60.0}
+AUDIT = {
+    "time": T0,
+    "actor": None,
+    "client_ip": None,
+    "action": "a",
+    "target": None,
+    "outcome": "success",
+    "details": "{}",
+}
+CALLS: dict[str, Callable[[Store], Awaitable[object]]] = {
+    "migrate": lambda s: s.migrate(),
+    "ping": lambda s: s.ping(),
+    "touch_user": lambda s: s.touch_user("a", email=None, role=None, now=T0),
+    "list_users": lambda s: s.list_users(),
+    "grace_started": lambda s: s.grace_started("a", 1, T0),
+    "grace_starts": lambda s: s.grace_starts(1),
+    "mfa_state": lambda s: s.mfa_state("a"),
+    "bump_mfa_generation": lambda s: s.bump_mfa_generation("a"),
+    "set_pending_totp": lambda s: s.set_pending_totp("a", "S", T0),
+    "pending_totp": lambda s: s.pending_totp("a"),
+    "confirm_totp": lambda s: s.confirm_totp("a", "S", 1, T0),
+    "totp": lambda s: s.totp("a"),
+    "accept_totp_step": lambda s: s.accept_totp_step("a", 1, T0),
+    "delete_totp": lambda s: s.delete_totp("a"),
+    "replace_recovery_codes": lambda s: s.replace_recovery_codes("a", [b"h"], T0),
+    "use_recovery_code": lambda s: s.use_recovery_code("a", b"h", T0),
+    "recovery_codes_left": lambda s: s.recovery_codes_left("a"),
+    "user_handle": lambda s: s.user_handle("a"),
+    "user_for_handle": lambda s: s.user_for_handle(b"h"),
+    "add_passkey": lambda s: s.add_passkey(PASSKEY),
+    "passkeys": lambda s: s.passkeys("a"),
+    "passkey": lambda s: s.passkey(b"c"),
+    "update_passkey_use": lambda s: s.update_passkey_use(
+        b"c", old_sign_count=0, new_sign_count=1, backup_state=False, now=T0
+    ),
+    "delete_passkey": lambda s: s.delete_passkey("a", b"c"),
+    "rename_passkey": lambda s: s.rename_passkey("a", b"c", "n"),
+    "put_challenge": lambda s: s.put_challenge(
+        "c", user_id="a", session_id="s", purpose="p", challenge=b"x", expires_at=T0
+    ),
+    "take_challenge": lambda s: s.take_challenge(
+        "c", user_id="a", session_id="s", purpose="p", now=T0
+    ),
+    "lockout_status": lambda s: s.lockout_status(["k"], T0),
+    "record_failure": lambda s: s.record_failure(["k"], **LOCKOUT),  # type: ignore[arg-type]
+    "clear_failures": lambda s: s.clear_failures(["k"]),
+    "settings": lambda s: s.settings(),
+    "settings_version": lambda s: s.settings_version(),
+    "save_settings": lambda s: s.save_settings(SETTINGS, expected_version=0),
+    "append_audit": lambda s: s.append_audit(**AUDIT),  # type: ignore[arg-type]
+    "audit_entries": lambda s: s.audit_entries(limit=10),
+    "all_audit_entries": lambda s: s.all_audit_entries(),
+}
+
+
+def test_every_store_method_is_covered() -> None:
+    methods = {name for name in dir(Store) if not name.startswith("_") and name != "close"}
+    assert methods == set(CALLS)
+
+
+@pytest.mark.parametrize("method", sorted(CALLS))
+async def test_a_refused_connection_is_store_unavailable(method: str) -> None:
+    store = open_store("postgresql://postgres@127.0.0.1:1/x", KEY)
+    try:
+        with pytest.raises(StoreUnavailable, match="database unavailable"):
+            await CALLS[method](store)
+    finally:
+        await store.close()
+
+
+async def test_a_missing_sqlite_directory_is_store_unavailable_until_it_exists(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "not-yet"
+    store = open_store(f"sqlite:///{directory / 'state.db'}", KEY)
+    try:
+        with pytest.raises(StoreUnavailable, match="OperationalError"):
+            await store.migrate()
+        directory.mkdir()
+        await store.migrate()  # recovers without a restart
+        assert await store.recovery_codes_left("a") == 0
+    finally:
+        await store.close()
+
+
+async def test_a_silent_server_times_out_as_store_unavailable() -> None:
+    writers: list[asyncio.StreamWriter] = []
+
+    async def accept(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)  # never answers
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = SqlStore(f"postgresql://postgres@127.0.0.1:{port}/x", KEY, connect_timeout=0.3)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        with pytest.raises(StoreUnavailable, match="database unavailable"):
+            await store.ping()
+        assert loop.time() - started < 2
+    finally:
+        await store.close()
+        for writer in writers:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_errors_do_not_carry_secrets(private_store: SqlStore) -> None:
+    store = private_store
+    # A broken table makes the statement fail on the server with our parameters bound.
+    async with store.engine.begin() as conn:
+        await conn.execute(text("DROP TABLE recovery_codes"))
+    code_hash = bytes.fromhex("5ec7e75ec7e75ec7e75ec7e75ec7e75e")
+    with pytest.raises(StoreUnavailable) as raised:
+        await store.use_recovery_code("alice", code_hash, T0)
+    for text_form in (str(raised.value), str(raised.value.__cause__)):
+        assert "5ec7e7" not in text_form
+        assert "\\x5e" not in text_form
+
+
+@pytest.mark.postgres
+async def test_postgres_connections_killed_under_the_store_are_replaced(
+    tmp_path: Path,
+) -> None:
+    url = postgres_url()
+    store = open_store(url, KEY)
+    admin = open_store(url, KEY)
+    try:
+        assert isinstance(store, SqlStore)
+        assert isinstance(admin, SqlStore)
+        await store.ping()  # one pooled connection
+        async with store.engine.connect() as conn:
+            pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        async with admin.engine.connect() as conn:
+            killed = await conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            assert killed.scalar_one() is True
+        await store.ping()
+        async with store.engine.connect() as conn:
+            assert (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one() != pid
+    finally:
+        await store.close()
+        await admin.close()
