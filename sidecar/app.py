@@ -19,6 +19,7 @@ at start), the live settings (loaded, then polled), the identity provider, the u
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -43,7 +44,7 @@ from sidecar.middleware.ip_gate import ip_gate_middleware
 from sidecar.middleware.mfa_gate import mfa_gate_middleware
 from sidecar.middleware.request_log import request_log_middleware
 from sidecar.proxy import AiohttpUpstream, Proxy, UpstreamTransport
-from sidecar.settings import SettingsService, networks
+from sidecar.settings import ParsedLists, SettingsService
 from sidecar.store import open_store
 from sidecar.store.base import SecuritySettings, Store, StoreUnavailable
 
@@ -62,6 +63,7 @@ DRAINING = web.AppKey("sidecar.draining", asyncio.Event)
 # The sidecar's own JSON API never needs large bodies; proxied bodies are streamed and
 # limited separately by listen.max_body_size.
 _OWN_ROUTES_MAX_BODY = 1024**2
+_FREEZE_ABOVE_RULES = 1000
 
 
 def build_app(
@@ -72,7 +74,10 @@ def build_app(
     ``store`` is opened from ``storage.url`` unless given (tests pass one to share it).
     """
     metrics = metrics or Metrics()
-    live = LiveSettings(NetworkPolicy.build(config))
+    # Until the store-held lists are loaded, requests are refused (live.loaded is False), so
+    # the gate starts empty rather than parsing the YAML lists twice.
+    live = LiveSettings(NetworkPolicy.build(config, allowlist=(), denylist=()))
+    parsed = ParsedLists(config)
     store = store or open_store(config.storage.url, config.storage.encryption_key)
     audit = AuditLog(config.audit.file, metrics.registry, store)
     mfa_metrics = MfaMetrics(metrics.registry)
@@ -84,11 +89,17 @@ def build_app(
             app,
             NetworkPolicy.build(
                 config,
-                allowlist=networks(settings.ip_allowlist),
-                denylist=networks(settings.ip_denylist),
+                allowlist=parsed.networks(settings.ip_allowlist),
+                denylist=parsed.networks(settings.ip_denylist),
             ),
         )
         live.loaded = True
+        if len(settings.ip_allowlist) + len(settings.ip_denylist) > _FREEZE_ABOVE_RULES:
+            # Long lists are 100,000s of objects that live as long as the process; moving
+            # them out of the cyclic GC's reach keeps full collections (and so request
+            # latency) independent of the list size.
+            gc.collect()
+            gc.freeze()
 
     settings = SettingsService(store, config, settings_changed)
     provider = build_identity_provider(config)

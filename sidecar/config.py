@@ -358,7 +358,7 @@ class Mfa(_Section):
 
 
 class Storage(_Section):
-    url: str = "sqlite:///var/lib/sidecar/state.db"
+    url: str = "sqlite:////var/lib/sidecar/state.db"
     encryption_key: FernetKey
 
     @field_validator("url")

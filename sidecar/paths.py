@@ -27,7 +27,21 @@ def _decode_unreserved(match: re.Match[str]) -> str:
 
 
 def canonical_path(raw_path: str) -> str:
-    """The canonical form of an origin-form path (without the query)."""
+    """The canonical form of an origin-form path (without the query); idempotent.
+
+    Decoding can create a new escape from crafted input (``%%32e`` -> ``%2e``), so the steps
+    repeat until nothing changes: a server that decodes twice gets nothing new either.
+    """
+    path = raw_path
+    for _ in range(8):
+        step = _canonical_once(path)
+        if step == path:
+            return step
+        path = step
+    return "/"  # still changing after 8 rounds: hostile input, never a real page
+
+
+def _canonical_once(raw_path: str) -> str:
     if "%" not in raw_path and "/." not in raw_path and "//" not in raw_path:
         return raw_path  # the common case: already canonical
     path = _UNRESERVED_ESCAPE.sub(_decode_unreserved, raw_path)

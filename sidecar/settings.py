@@ -50,6 +50,29 @@ def networks(lines: tuple[str, ...]) -> list[IpNetwork]:
     return [ipaddress.ip_network(line, strict=False) for line in lines]
 
 
+class ParsedLists:
+    """Stored list lines -> networks, reusing earlier parses of identical lists.
+
+    Parsing 100,000 lines takes about a second; the lists usually arrive unchanged (seeded
+    from the YAML that was already parsed, or one list edited while the other stayed).
+    """
+
+    def __init__(self, config: Config) -> None:
+        self._known: dict[tuple[str, ...], list[IpNetwork]] = {}
+        for parsed in (config.security.ip_allowlist, config.security.ip_denylist):
+            self._known[tuple(str(n) for n in parsed)] = list(parsed)
+
+    def networks(self, lines: tuple[str, ...]) -> list[IpNetwork]:
+        found = self._known.get(lines)
+        if found is None:
+            found = networks(lines)
+            # Keep only the latest few parses: old lists must not pile up in memory.
+            if len(self._known) >= 4:
+                self._known.pop(next(iter(self._known)))
+            self._known[lines] = found
+        return found
+
+
 def next_settings(
     current: SecuritySettings | None,
     *,

@@ -31,6 +31,7 @@ from urllib.parse import urlencode
 STATIC_FILES: Mapping[str, str] = {
     "mfa.css": "text/css; charset=utf-8",
     "mfa.js": "text/javascript; charset=utf-8",
+    "security.js": "text/javascript; charset=utf-8",
 }
 
 _MONTHS = (
@@ -222,8 +223,8 @@ def render_setup(
             required aria-describedby="totp-code-hint">
           <p class="hint" id="totp-code-hint">The code changes every 30 seconds.</p>
         </div>
-        <button type="submit" class="button button-primary" id="totp-submit">Verify and turn
-          on</button>
+        <button type="submit" class="button button-primary" id="totp-submit"
+          >Verify and turn on</button>
       </fieldset>
     </form>
   </div>

@@ -574,11 +574,13 @@ class Handlers:
         body = pages.static_file(name)
         if body is None:
             raise web.HTTPNotFound()
-        content_type = "text/css" if name.endswith(".css") else "text/javascript"
         return web.Response(
             body=body,
-            content_type=content_type,
-            headers={"Cache-Control": "public, max-age=300"},
+            headers={
+                "Content-Type": pages.STATIC_FILES[name],
+                "Cache-Control": "public, max-age=300",
+                "X-Content-Type-Options": "nosniff",
+            },
         )
 
     async def not_found(self, request: web.Request) -> web.Response:

@@ -81,7 +81,7 @@
     const parse = PublicKeyCredential[`parse${kind}OptionsFromJSON`];
     if (typeof parse === "function") return parse.call(PublicKeyCredential, opts);
     const out = { ...opts, challenge: fromB64url(opts.challenge) };
-
+    if (opts.user) out.user = { ...opts.user, id: fromB64url(opts.user.id) };
     if (opts.excludeCredentials) out.excludeCredentials = decodeIds(opts.excludeCredentials);
     if (opts.allowCredentials) out.allowCredentials = decodeIds(opts.allowCredentials);
     return out;
