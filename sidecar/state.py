@@ -28,3 +28,7 @@ PEER_TRUSTED = web.RequestKey("sidecar.peer_trusted", bool)
 #: Who the console says is calling (written by the identity middleware; None = anonymous).
 #: Absent when the identity stage did not run (exempt paths).
 IDENTITY = web.RequestKey[Identity | None]("sidecar.identity")
+
+#: The path to write on the log line when the real one carries something that must not be
+#: logged (written by the handler that knows; e.g. a credential id).
+LOG_PATH = web.RequestKey("sidecar.log_path", str)

@@ -50,6 +50,8 @@ from sidecar.config import Config
 from sidecar.store.base import PasskeyRecord, Store, user_key
 
 CEREMONY_SECONDS = 120
+#: WebAuthn Level 3 §7.1 step 24: relying parties should refuse longer credential ids.
+MAX_CREDENTIAL_ID = 1023
 REGISTER = "passkey.register"
 AUTHENTICATE = "passkey.authenticate"
 _KNOWN_TRANSPORTS = {t.value for t in AuthenticatorTransport}
@@ -164,6 +166,8 @@ class Passkeys:
             )
         except (WebAuthnException, ValueError, TypeError, KeyError) as exc:
             raise PasskeyError(f"The passkey could not be registered: {exc}") from exc
+        if len(verified.credential_id) > MAX_CREDENTIAL_ID:
+            raise PasskeyError("The passkey's credential id is too long.")
         if await self._store.passkey(verified.credential_id) is not None:
             raise PasskeyError("This passkey is already registered.")
         transports = tuple(t.value for t in (parsed.response.transports or ()))

@@ -47,7 +47,7 @@ from sidecar.mfa.session import (
 )
 from sidecar.middleware.mfa_gate import binding_of
 from sidecar.settings import SettingsService
-from sidecar.state import CLIENT_IP, IDENTITY
+from sidecar.state import CLIENT_IP, IDENTITY, LOG_PATH
 from sidecar.store.base import MfaState, StoreUnavailable
 
 log = logging.getLogger("sidecar.mfa")
@@ -398,6 +398,9 @@ class Handlers:
             return data
         name = data.get("name")
         first = not caller.state.enrolled
+        if not first and not self.stepped_up(caller):
+            # Checked again here: the account may have been enrolled elsewhere since begin.
+            return self.step_up_required(f"{self.prefix}/setup")
         try:
             record = await self.passkeys.finish_registration(
                 user_id=caller.identity.user_id,
@@ -488,7 +491,10 @@ class Handlers:
             return caller
         if refused := self.cross_site(request, caller.session):
             return refused
-        credential_id = credential_id_from(request.match_info["id"])
+        shown = request.match_info["id"]
+        # Never log a full credential id (the access log writes the path).
+        request[LOG_PATH] = f"{self.prefix}/api/passkeys/{shown[:6]}..."
+        credential_id = credential_id_from(shown)
         mine = [
             p
             for p in await self.service.store.passkeys(caller.identity.user_id)

@@ -204,8 +204,8 @@ def render_audit(ctx: PageContext) -> str:
   </form>
   <p class="hint">Both filters match exactly; leave them empty to see everything.</p>
   <p class="button-row">
-    <a class="button button-small" id="audit-export-csv" href="{_e(csv_url)}" download>Export
-      CSV</a>
+    <a class="button button-small" id="audit-export-csv" href="{_e(csv_url)}"
+      download>Export CSV</a>
     <a class="button button-small" id="audit-export-json" href="{_e(json_url)}">Export JSON</a>
   </p>
   <p class="hint">Exports hold the newest 1000 records that match the filters.</p>
@@ -218,8 +218,8 @@ def render_audit(ctx: PageContext) -> str:
   </table>
 </div>
 <p class="muted" id="audit-empty" hidden>No audit records match.</p>
-<p class="page-foot"><button type="button" class="button" id="audit-more" hidden>Load
-  more</button></p>
+<p class="page-foot"><button type="button" class="button" id="audit-more"
+  hidden>Load more</button></p>
 """
     return _layout(title="Audit log", ctx=ctx, page="audit", body=body, wide=True)
 
@@ -244,16 +244,16 @@ def _personal_card(prefix: str, methods: Mapping[str, Any]) -> str:
       aria-label="Remove authenticator app">Remove</button></p>"""
     else:
         totp_row = f"""<p class="method-row"><span><strong id="totp-state">Off</strong></span>
-    <a class="button button-small" id="totp-add" href="{_e(add_totp)}">Add authenticator
-      app</a></p>"""
+    <a class="button button-small" id="totp-add"
+      href="{_e(add_totp)}">Add authenticator app</a></p>"""
 
     if enrolled:
         warn = " notice notice-warning" if left <= 3 else ""
         recovery = f"""<p id="recovery-left" class="recovery-left{warn}">You have
     {_plural(left, "recovery code")} left. Each one lets you in once if you lose your other
     methods.</p>
-  <p><button type="button" class="button" id="recovery-regenerate">Regenerate recovery
-    codes</button></p>
+  <p><button type="button" class="button"
+    id="recovery-regenerate">Regenerate recovery codes</button></p>
   <div id="recovery-new" class="recovery-new" tabindex="-1" hidden>
     <p><strong>Your new recovery codes.</strong> The old ones no longer work. Keep these
       somewhere safe, such as a password manager: they won't be shown again.</p>
@@ -352,8 +352,8 @@ def _org_cards(prefix: str, settings: Mapping[str, Any], preview: Mapping[str, A
         Shortening it applies at once; tightening the policy starts new grace periods.</p>
     </div>
     <p class="preview" id="policy-preview" aria-live="polite">{shown}</p>
-    <button type="submit" class="button button-primary" id="policy-save"{off}>Save
-      policy</button>
+    <button type="submit" class="button button-primary"
+      id="policy-save"{off}>Save policy</button>
   </form>
 </section>
 <section class="card" id="ip-card" aria-labelledby="ip-title">
@@ -365,11 +365,11 @@ def _org_cards(prefix: str, settings: Mapping[str, Any], preview: Mapping[str, A
     {denylist}
     <div class="notice notice-warning" id="ip-lockout" role="alert" hidden>
       <p id="ip-lockout-text"></p>
-      <p class="button-row"><button type="button" class="button" id="ip-save-anyway">Save
-        anyway</button></p>
+      <p class="button-row"><button type="button" class="button"
+        id="ip-save-anyway">Save anyway</button></p>
     </div>
-    <button type="submit" class="button button-primary" id="ip-save"{off}>Save IP
-      restrictions</button>
+    <button type="submit" class="button button-primary"
+      id="ip-save"{off}>Save IP restrictions</button>
   </form>
 </section>"""
 

@@ -16,7 +16,7 @@ from aiohttp.typedefs import Handler, Middleware
 from sidecar.decision import Decision
 from sidecar.logs import fields
 from sidecar.metrics import Metrics
-from sidecar.state import CLIENT_IP, DECISION, REASON, UPSTREAM_STATUS
+from sidecar.state import CLIENT_IP, DECISION, LOG_PATH, REASON, UPSTREAM_STATUS
 
 log = logging.getLogger("sidecar.access")
 
@@ -49,7 +49,8 @@ def request_log_middleware(*, metrics: Metrics) -> Middleware:
                     "request",
                     extra=fields(
                         method=request.method,
-                        path=request.path,  # never the query string: it may carry tokens
+                        # Never the query string: it may carry tokens.
+                        path=request.get(LOG_PATH, request.path),
                         status=status,
                         decision=decision.value,
                         client_ip=str(client_ip) if client_ip is not None else None,

@@ -1,0 +1,429 @@
+"""The MFA policy verdict (DESIGN pipeline step 5): who passes, who gets grace, who must act.
+
+First one table over every policy, role, enrollment, session and grace state, then the grace
+rules as short stories told through :func:`decide` and a fake of the grace store (a dict keyed
+by ``(user, policy epoch)`` with insert-if-absent, which is the contract the real store keeps).
+Policy changes go through :func:`sidecar.settings.next_settings`, so the epochs are the ones
+the sidecar would really use.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from sidecar.decision import Decision
+from sidecar.mfa.policy import (
+    MfaPolicy,
+    MfaVerdict,
+    decide,
+    is_required,
+    is_tightening,
+    needs_grace_start,
+)
+from sidecar.settings import next_settings
+from sidecar.store.base import SecuritySettings
+
+NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+PERIOD = timedelta(hours=72)
+HOUR = timedelta(hours=1)
+
+ALLOWED = Decision.ALLOWED
+GRACE = Decision.GRACE
+SETUP = Decision.MFA_SETUP_REQUIRED
+VERIFY = Decision.MFA_VERIFICATION_REQUIRED
+
+SHORT = {ALLOWED: "allowed", GRACE: "grace", SETUP: "setup", VERIFY: "verify"}
+
+# When the user's grace clock started, relative to NOW, or None when no start is looked up.
+GRACE_STATES: dict[str, datetime | None] = {
+    "no-start": None,
+    "in-grace": NOW - HOUR,
+    "at-deadline": NOW - PERIOD,
+    "grace-expired": NOW - PERIOD - HOUR,
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    policy: MfaPolicy
+    role: str  # "admin" (privileged) or "member"
+    enrolled: bool
+    verified: bool
+    grace: str  # a key of GRACE_STATES
+    expected: Decision
+
+    @property
+    def id(self) -> str:
+        enrolled = "enrolled" if self.enrolled else "not-enrolled"
+        verified = "verified" if self.verified else "unverified"
+        return (
+            f"{self.policy}/{self.role}/{enrolled}/{verified}/{self.grace}"
+            f" -> {SHORT[self.expected]}"
+        )
+
+
+def _table() -> list[Case]:
+    cases: list[Case] = []
+    # Enrolled users verify whatever the policy and role, and grace never enters into it.
+    for policy, role in itertools.product(MfaPolicy, ("admin", "member")):
+        cases.append(Case(policy, role, True, True, "no-start", ALLOWED))
+        cases.append(Case(policy, role, True, False, "no-start", VERIFY))
+    # ...even if a stale grace start from before the enrollment is lying around.
+    cases.append(Case(MfaPolicy.ALL, "member", True, False, "grace-expired", VERIFY))
+    cases.append(Case(MfaPolicy.ADMINS, "admin", True, True, "grace-expired", ALLOWED))
+    # Not required, not enrolled: nothing to do.
+    for policy, role in [
+        (MfaPolicy.OPTIONAL, "admin"),
+        (MfaPolicy.OPTIONAL, "member"),
+        (MfaPolicy.ADMINS, "member"),
+    ]:
+        cases.append(Case(policy, role, False, False, "no-start", ALLOWED))
+    # Required, not enrolled: grace until the deadline (exclusive), then setup.
+    for policy, role in [
+        (MfaPolicy.ADMINS, "admin"),
+        (MfaPolicy.ALL, "admin"),
+        (MfaPolicy.ALL, "member"),
+    ]:
+        cases.append(Case(policy, role, False, False, "in-grace", GRACE))
+        cases.append(Case(policy, role, False, False, "at-deadline", SETUP))
+        cases.append(Case(policy, role, False, False, "grace-expired", SETUP))
+    # A "verified" flag without an enrolled method buys nothing.
+    cases.append(Case(MfaPolicy.ALL, "member", False, True, "grace-expired", SETUP))
+    return cases
+
+
+TABLE = _table()
+
+
+@pytest.mark.parametrize("case", TABLE, ids=[c.id for c in TABLE])
+def test_verdict_table(case: Case) -> None:
+    started = GRACE_STATES[case.grace]
+    verdict = decide(
+        policy=case.policy,
+        privileged=case.role == "admin",
+        enrolled=case.enrolled,
+        verified=case.verified,
+        grace_started=started,
+        grace_period=PERIOD,
+        now=NOW,
+    )
+    assert verdict.decision is case.expected
+    if case.expected in (GRACE, SETUP):
+        assert started is not None
+        # The deadline the interstitial and /mfa/api/status show.
+        assert verdict.grace_deadline == started + PERIOD
+    else:
+        assert verdict.grace_deadline is None
+
+
+def test_grace_ends_exactly_at_the_deadline() -> None:
+    def at(now: datetime) -> MfaVerdict:
+        return decide(
+            policy=MfaPolicy.ALL,
+            privileged=False,
+            enrolled=False,
+            verified=False,
+            grace_started=NOW - PERIOD,
+            grace_period=PERIOD,
+            now=now,
+        )
+
+    before, deadline = at(NOW - timedelta(microseconds=1)), at(NOW)
+    assert (before.decision, deadline.decision) == (GRACE, SETUP)
+    assert before.grace_deadline == deadline.grace_deadline == NOW
+
+
+def _role(privileged: bool) -> str:
+    return "admin" if privileged else "member"
+
+
+REQUIRED = [
+    (MfaPolicy.OPTIONAL, False, False),
+    (MfaPolicy.OPTIONAL, True, False),
+    (MfaPolicy.ADMINS, False, False),
+    (MfaPolicy.ADMINS, True, True),
+    (MfaPolicy.ALL, False, True),
+    (MfaPolicy.ALL, True, True),
+]
+
+
+@pytest.mark.parametrize(
+    ("policy", "privileged", "required"),
+    [
+        pytest.param(*row, id=f"{row[0]}/{_role(row[1])} -> {'required' if row[2] else 'optional'}")
+        for row in REQUIRED
+    ],
+)
+def test_is_required(policy: MfaPolicy, privileged: bool, required: bool) -> None:
+    assert is_required(policy, privileged) is required
+
+
+TIGHTENING = [
+    (MfaPolicy.OPTIONAL, MfaPolicy.OPTIONAL, False),
+    (MfaPolicy.OPTIONAL, MfaPolicy.ADMINS, True),
+    (MfaPolicy.OPTIONAL, MfaPolicy.ALL, True),
+    (MfaPolicy.ADMINS, MfaPolicy.OPTIONAL, False),
+    (MfaPolicy.ADMINS, MfaPolicy.ADMINS, False),
+    (MfaPolicy.ADMINS, MfaPolicy.ALL, True),
+    (MfaPolicy.ALL, MfaPolicy.OPTIONAL, False),
+    (MfaPolicy.ALL, MfaPolicy.ADMINS, False),
+    (MfaPolicy.ALL, MfaPolicy.ALL, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "tightening"),
+    [
+        pytest.param(*row, id=f"{row[0]} -> {row[1]}: {'tightening' if row[2] else 'not'}")
+        for row in TIGHTENING
+    ],
+)
+def test_is_tightening(old: MfaPolicy, new: MfaPolicy, tightening: bool) -> None:
+    assert is_tightening(old, new) is tightening
+
+
+@pytest.mark.parametrize(
+    ("policy", "privileged", "enrolled"),
+    [
+        pytest.param(
+            policy,
+            privileged,
+            enrolled,
+            id=f"{policy}/{_role(privileged)}/{'enrolled' if enrolled else 'not-enrolled'}",
+        )
+        for policy, privileged, enrolled in itertools.product(
+            MfaPolicy, (True, False), (True, False)
+        )
+    ],
+)
+def test_needs_grace_start_is_exactly_when_decide_needs_it(
+    policy: MfaPolicy, privileged: bool, enrolled: bool
+) -> None:
+    """The gate looks the start up (and so starts the clock) only when decide() needs it:
+    never for users the policy does not require, never for enrolled users."""
+    needed = needs_grace_start(policy=policy, privileged=privileged, enrolled=enrolled)
+    assert needed is (not enrolled and is_required(policy, privileged))
+    for verified in (True, False):
+
+        def judge(verified: bool = verified) -> MfaVerdict:
+            return decide(
+                policy=policy,
+                privileged=privileged,
+                enrolled=enrolled,
+                verified=verified,
+                grace_started=None,
+                grace_period=PERIOD,
+                now=NOW,
+            )
+
+        if needed:
+            # Fail closed: a caller that forgot the lookup gets an error, never a pass.
+            with pytest.raises(ValueError, match="grace_started"):
+                judge()
+        else:
+            assert judge().decision in (ALLOWED, VERIFY)
+
+
+# --- grace rules as scenarios ----------------------------------------------------------------
+
+
+@dataclass
+class FakeGraceStore:
+    """The store's grace contract: the first start recorded for (user, epoch) wins."""
+
+    starts: dict[tuple[str, int], datetime] = field(default_factory=dict)
+
+    def start_for(self, user: str, epoch: int, now: datetime) -> datetime:
+        return self.starts.setdefault((user, epoch), now)
+
+
+@dataclass
+class Org:
+    """The live settings and the grace store, judged as the MFA gate does for each request."""
+
+    settings: SecuritySettings
+    store: FakeGraceStore = field(default_factory=FakeGraceStore)
+
+    @classmethod
+    def with_policy(cls, policy: str, *, grace: timedelta = PERIOD) -> Org:
+        return cls(_settings(None, policy, grace))
+
+    def change(self, *, policy: str | None = None, grace: timedelta | None = None) -> None:
+        current = self.settings
+        self.settings = _settings(
+            current,
+            policy or current.mfa_policy,
+            grace if grace is not None else timedelta(seconds=current.grace_period_seconds),
+        )
+
+    def request(
+        self,
+        user: str,
+        *,
+        role: str,
+        at: datetime,
+        enrolled: bool = False,
+        verified: bool = False,
+    ) -> MfaVerdict:
+        policy = MfaPolicy(self.settings.mfa_policy)
+        privileged = role == "admin"
+        started = None
+        if needs_grace_start(policy=policy, privileged=privileged, enrolled=enrolled):
+            started = self.store.start_for(user, self.settings.policy_epoch, at)
+        return decide(
+            policy=policy,
+            privileged=privileged,
+            enrolled=enrolled,
+            verified=verified,
+            grace_started=started,
+            grace_period=timedelta(seconds=self.settings.grace_period_seconds),
+            now=at,
+        )
+
+
+def _settings(current: SecuritySettings | None, policy: str, grace: timedelta) -> SecuritySettings:
+    return next_settings(
+        current,
+        mfa_policy=policy,
+        grace_period_seconds=grace.total_seconds(),
+        ip_allowlist=(),
+        ip_denylist=(),
+        actor="u-owner",
+        now=NOW,
+    )
+
+
+T0 = NOW
+
+
+def test_role_flapping_keeps_the_first_start() -> None:
+    org = Org.with_policy("admins")
+    first = org.request("u-bob", role="admin", at=T0)
+    assert first == MfaVerdict(GRACE, T0 + PERIOD)
+    # Demoted for a while: not required, so nothing is asked and nothing is recorded anew.
+    assert org.request("u-bob", role="member", at=T0 + 10 * HOUR).decision is ALLOWED
+    # Promoted again two days later: the clock was not restarted, the deadline did not move.
+    again = org.request("u-bob", role="admin", at=T0 + 48 * HOUR)
+    assert again == MfaVerdict(GRACE, T0 + PERIOD)
+    assert org.request("u-bob", role="admin", at=T0 + PERIOD).decision is SETUP
+
+
+def test_relogin_and_new_sessions_keep_the_same_deadline() -> None:
+    org = Org.with_policy("all")
+    assert org.request("u-carol", role="member", at=T0).grace_deadline == T0 + PERIOD
+    # Every later request (a new browser, a fresh console login) sees the same deadline.
+    for later in (T0 + HOUR, T0 + 24 * HOUR, T0 + PERIOD - HOUR):
+        assert org.request("u-carol", role="member", at=later) == MfaVerdict(GRACE, T0 + PERIOD)
+    assert org.request("u-carol", role="member", at=T0 + PERIOD + HOUR).decision is SETUP
+
+
+def test_each_user_has_their_own_clock() -> None:
+    org = Org.with_policy("all")
+    org.request("u-carol", role="member", at=T0)
+    later = org.request("u-dave", role="member", at=T0 + 30 * HOUR)
+    assert later.grace_deadline == T0 + 30 * HOUR + PERIOD
+    assert org.request("u-carol", role="member", at=T0 + PERIOD).decision is SETUP
+
+
+def test_shortening_the_grace_period_applies_at_once() -> None:
+    org = Org.with_policy("all")
+    epoch = org.settings.policy_epoch
+    assert org.request("u-carol", role="member", at=T0).decision is GRACE
+    org.change(grace=timedelta(hours=24))
+    assert org.settings.policy_epoch == epoch  # not a tightening: same clocks
+    verdict = org.request("u-carol", role="member", at=T0 + 30 * HOUR)
+    assert verdict == MfaVerdict(SETUP, T0 + 24 * HOUR)
+
+
+def test_lengthening_the_grace_period_applies_at_once() -> None:
+    org = Org.with_policy("all", grace=timedelta(hours=24))
+    org.request("u-carol", role="member", at=T0)
+    assert org.request("u-carol", role="member", at=T0 + 30 * HOUR).decision is SETUP
+    org.change(grace=timedelta(hours=96))
+    verdict = org.request("u-carol", role="member", at=T0 + 30 * HOUR)
+    assert verdict == MfaVerdict(GRACE, T0 + 96 * HOUR)
+
+
+def test_editing_other_settings_does_not_restart_clocks() -> None:
+    org = Org.with_policy("all")
+    org.request("u-carol", role="member", at=T0)
+    org.settings = next_settings(
+        org.settings,
+        mfa_policy="all",
+        grace_period_seconds=PERIOD.total_seconds(),
+        ip_allowlist=("10.0.0.0/8",),
+        ip_denylist=(),
+        actor="u-owner",
+        now=T0 + HOUR,
+    )
+    verdict = org.request("u-carol", role="member", at=T0 + PERIOD + HOUR)
+    assert verdict == MfaVerdict(SETUP, T0 + PERIOD)
+
+
+def test_tightening_starts_new_clocks() -> None:
+    org = Org.with_policy("optional")
+    epochs = [org.settings.policy_epoch]
+    # Optional: nobody is required, and no clock starts for anybody.
+    assert org.request("u-bob", role="admin", at=T0).decision is ALLOWED
+    assert org.store.starts == {}
+
+    t1 = T0 + 100 * HOUR
+    org.change(policy="admins")
+    epochs.append(org.settings.policy_epoch)
+    assert org.request("u-bob", role="admin", at=t1) == MfaVerdict(GRACE, t1 + PERIOD)
+    assert org.request("u-carol", role="member", at=t1).decision is ALLOWED
+
+    # Bob's grace under `admins` runs out; then `all` is a new requirement with new clocks,
+    # for members (first time required) and admins alike.
+    t2 = t1 + PERIOD + HOUR
+    assert org.request("u-bob", role="admin", at=t2).decision is SETUP
+    org.change(policy="all")
+    epochs.append(org.settings.policy_epoch)
+    assert org.request("u-carol", role="member", at=t2) == MfaVerdict(GRACE, t2 + PERIOD)
+    assert org.request("u-bob", role="admin", at=t2) == MfaVerdict(GRACE, t2 + PERIOD)
+
+    assert epochs[0] < epochs[1] < epochs[2]
+
+
+def test_loosening_does_not_start_new_clocks() -> None:
+    org = Org.with_policy("all")
+    epoch = org.settings.policy_epoch
+    org.request("u-bob", role="admin", at=T0)
+    org.request("u-carol", role="member", at=T0)
+
+    org.change(policy="admins")
+    assert org.settings.policy_epoch == epoch
+    t1 = T0 + 10 * HOUR
+    assert org.request("u-carol", role="member", at=t1).decision is ALLOWED
+    # Bob was required all along: loosening for members gives him no fresh grace.
+    assert org.request("u-bob", role="admin", at=t1) == MfaVerdict(GRACE, T0 + PERIOD)
+    assert org.request("u-bob", role="admin", at=T0 + PERIOD).decision is SETUP
+
+    org.change(policy="optional")
+    assert org.settings.policy_epoch == epoch
+    assert org.request("u-bob", role="admin", at=T0 + PERIOD).decision is ALLOWED
+
+
+@pytest.mark.parametrize("policy", ["optional", "admins", "all"])
+@pytest.mark.parametrize("role", ["admin", "member"])
+def test_enrolled_users_must_verify_whatever_the_policy(policy: str, role: str) -> None:
+    org = Org.with_policy(policy)
+    late = T0 + 10 * PERIOD
+    assert org.request("u-erin", role=role, at=late, enrolled=True).decision is VERIFY
+    assert org.request("u-erin", role=role, at=late, enrolled=True, verified=True) == MfaVerdict(
+        ALLOWED
+    )
+    # Enrolled users never start a grace clock.
+    assert org.store.starts == {}
+
+
+def test_enrolling_during_grace_then_loosening_still_requires_verification() -> None:
+    org = Org.with_policy("all")
+    assert org.request("u-carol", role="member", at=T0).decision is GRACE
+    # Carol enrolls; later the policy is loosened to optional: her method still protects her.
+    org.change(policy="optional")
+    assert org.request("u-carol", role="member", at=T0 + HOUR, enrolled=True).decision is VERIFY

@@ -1,0 +1,222 @@
+"""Canonical paths and MFA exemptions: an exemption such as ``/static/`` must never be a way
+around the gate to a console page (``/static/../settings`` and its encoded cousins)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from sidecar.paths import canonical_path, is_exempt, is_under
+
+EXEMPT = ["/logout", "/static/"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "canonical"),
+    [
+        # Already canonical: unchanged.
+        pytest.param("/", "/", id="root"),
+        pytest.param("/settings", "/settings", id="plain"),
+        pytest.param("/static/app.js", "/static/app.js", id="static file"),
+        pytest.param("/a/b/", "/a/b/", id="trailing slash kept"),
+        # Dot segments (RFC 3986 §5.2.4).
+        pytest.param("/static/../settings", "/settings", id="dot-dot"),
+        pytest.param("/static/./app.js", "/static/app.js", id="dot"),
+        pytest.param("/a/b/../../../c", "/c", id="dot-dot above the root"),
+        pytest.param("/../../etc/passwd", "/etc/passwd", id="leading dot-dots"),
+        pytest.param("/..", "/", id="only dot-dot"),
+        pytest.param("/.", "/", id="only dot"),
+        pytest.param("/settings/.", "/settings/", id="trailing dot"),
+        pytest.param("/static/..", "/", id="trailing dot-dot"),
+        pytest.param("/static/../", "/", id="trailing dot-dot slash"),
+        pytest.param("/a/b/..", "/a/", id="trailing dot-dot keeps the directory slash"),
+        pytest.param("/a/b/.", "/a/b/", id="trailing dot keeps the directory slash"),
+        pytest.param("/a/./b/../c/", "/a/c/", id="dots mixed"),
+        # Encoded dots are dots.
+        pytest.param("/static/%2e%2e/settings", "/settings", id="%2e%2e"),
+        pytest.param("/static/%2E%2E/settings", "/settings", id="%2E%2E"),
+        pytest.param("/static/%2e./settings", "/settings", id="%2e. mixed"),
+        pytest.param("/static/.%2E/settings", "/settings", id=".%2E mixed"),
+        pytest.param("/static/%2e/app.js", "/static/app.js", id="%2e single"),
+        pytest.param("/static/%2e%2e", "/", id="trailing %2e%2e"),
+        # Repeated slashes (many servers read // as /).
+        pytest.param("//settings", "/settings", id="leading double slash"),
+        pytest.param("/static//..//settings", "/settings", id="double slashes around dot-dot"),
+        pytest.param("/a///b", "/a/b", id="triple slash"),
+        pytest.param("/static/.//..//settings", "/settings", id="dot then double slashes"),
+        # Names that merely contain dots are names.
+        pytest.param("/static/...", "/static/...", id="three dots is a name"),
+        pytest.param("/static/..a", "/static/..a", id="dot-dot prefix is a name"),
+        pytest.param("/static/a..", "/static/a..", id="trailing dots in a name"),
+        pytest.param("/static/.well-known", "/static/.well-known", id="dot file"),
+        # Encoded unreserved characters are decoded (RFC 3986 §6.2.2.2) ...
+        pytest.param("/%7euser", "/~user", id="%7e -> ~"),
+        pytest.param("/%7Euser", "/~user", id="%7E -> ~"),
+        pytest.param("/%41dmin", "/Admin", id="%41 -> A"),
+        pytest.param("/%61%64%6d%69%6e", "/admin", id="lower-case letters"),
+        pytest.param("/%2D%5F%30%39%5A%7A", "/-_09Zz", id="unreserved punctuation and ranges"),
+        # ... everything else is kept exactly.
+        pytest.param("/static/%2F..%2Fsettings", "/static/%2F..%2Fsettings", id="%2F kept"),
+        pytest.param("/static/..%2fsettings", "/static/..%2fsettings", id="%2f kept"),
+        pytest.param("/a%20b", "/a%20b", id="%20 kept"),
+        pytest.param("/%25", "/%25", id="%25 kept"),
+        pytest.param("/static/%252e%252e/x", "/static/%252e%252e/x", id="double-encoded kept"),
+        pytest.param("/%5C..%5Csettings", "/%5C..%5Csettings", id="%5C kept"),
+        pytest.param("/%40%3A", "/%40%3A", id="reserved kept"),
+        # Decoding must not leave a new escape behind (a second decode would find it).
+        pytest.param("/%%32e", "/", id="%%32e -> %2e -> ."),
+        pytest.param("/static/%2%65%2%65/settings", "/settings", id="%2%65 -> %2e"),
+        pytest.param("/static/%%32%65%%32%65/settings", "/settings", id="%%32%65 -> %2e"),
+        pytest.param("/%", "/%", id="lone percent"),
+        pytest.param("/%zz", "/%zz", id="not hex"),
+        pytest.param("/%c3%a9", "/%c3%a9", id="non-ASCII kept encoded"),
+    ],
+)
+def test_canonical_path(raw: str, canonical: str) -> None:
+    assert canonical_path(raw) == canonical
+
+
+@pytest.mark.parametrize(
+    ("path", "exempt"),
+    [
+        pytest.param("/logout", True, id="/logout"),
+        pytest.param("/logout/", True, id="/logout/"),
+        pytest.param("/logout/all", True, id="/logout/all"),
+        pytest.param("/logoutx", False, id="/logoutx not exempt"),
+        pytest.param("/logout.html", False, id="/logout.html not exempt"),
+        pytest.param("/Logout", False, id="case matters"),
+        pytest.param("/static/app.js", True, id="/static/ file"),
+        pytest.param("/static/", True, id="/static/ itself"),
+        pytest.param("/static/css/a.css", True, id="/static/ deeper"),
+        pytest.param("/static", False, id="/static without slash is not under /static/"),
+        pytest.param("/staticx/app.js", False, id="/staticx"),
+        pytest.param("/STATIC/app.js", False, id="/STATIC"),
+        pytest.param("/", False, id="root"),
+        pytest.param("/settings", False, id="console page"),
+        pytest.param("/api/static/x", False, id="exempt name deeper in the path"),
+        # Separators that servers disagree about are never exempt.
+        pytest.param("/static/..%2Fsettings", False, id="%2F"),
+        pytest.param("/static/..%2fsettings", False, id="%2f"),
+        pytest.param("/static/..%5Csettings", False, id="%5C"),
+        pytest.param("/static/..%5csettings", False, id="%5c"),
+        pytest.param("/static/..\\settings", False, id="backslash"),
+        pytest.param("/static/app.js;jsessionid=1", False, id="; path parameter"),
+        pytest.param("/static/..;/settings", False, id="..; (Tomcat)"),
+        pytest.param("/logout;/../settings", False, id="; after /logout"),
+        pytest.param("/logout/%2F..%2Fsettings", False, id="%2F under /logout"),
+    ],
+)
+def test_is_exempt(path: str, exempt: bool) -> None:
+    assert is_exempt(path, EXEMPT) is exempt
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param("/static/../settings", id="dot-dot"),
+        pytest.param("/static/%2e%2e/settings", id="%2e%2e"),
+        pytest.param("/static/%2E./settings", id="%2E."),
+        pytest.param("/static//..//settings", id="double slashes"),
+        pytest.param("/static/./../settings", id="dot then dot-dot"),
+        pytest.param("/logout/../settings", id="out of /logout"),
+        pytest.param("/logout/%2e%2e/settings", id="out of /logout encoded"),
+        pytest.param("/static/%2e%2e%2fsettings", id="%2e%2e%2f"),
+        pytest.param("/static/..%2F..%2Fsettings", id="%2F"),
+    ],
+)
+def test_attacker_paths_are_not_exempt_once_canonical(raw: str) -> None:
+    assert not is_exempt(canonical_path(raw), EXEMPT)
+
+
+@pytest.mark.parametrize(
+    ("path", "under"),
+    [
+        pytest.param("/mfa", True, id="the prefix"),
+        pytest.param("/mfa/", True, id="prefix slash"),
+        pytest.param("/mfa/setup", True, id="below"),
+        pytest.param("/mfax", False, id="longer name"),
+        pytest.param("/mfa-admin", False, id="hyphenated name"),
+        pytest.param("/api/mfa", False, id="deeper"),
+        pytest.param("/", False, id="root"),
+    ],
+)
+def test_is_under(path: str, under: bool) -> None:
+    assert is_under(path, "/mfa") is under
+
+
+# --- properties ------------------------------------------------------------------------------
+
+# Paths built from the pieces attackers use, plus a few ordinary characters.
+PIECES = ["/", "//", ".", "..", "%2e", "%2E", "%2f", "%5c", "\\", ";", "static", "logout"]
+CHARS = ["a", "Z", "~", "e", "E", "2", "3", "6", "5", "f", " ", "?", "\x00", "\u00e9"]
+ESCAPES = [f"%{b:02X}" for b in range(256)] + [f"%{b:02x}" for b in range(256)]
+
+# Any text after the slash, including malformed escapes ("%", "%z", "%%32").
+NASTY = st.lists(st.sampled_from([*PIECES, *CHARS, "%", *ESCAPES]), max_size=16).map(
+    lambda parts: "/" + "".join(parts)
+)
+# Well-formed paths: every "%" starts a complete escape, as RFC 3986 requires.
+WELL_FORMED = st.lists(st.sampled_from([*PIECES, *CHARS, *ESCAPES]), max_size=16).map(
+    lambda parts: "/" + "".join(parts)
+)
+ANY_TEXT = st.text(max_size=24).map(lambda text: "/" + text)
+# Attempts to leave /static/ (or to look as if inside it).
+FROM_STATIC = st.one_of(NASTY, WELL_FORMED).map(lambda path: "/static" + path)
+
+
+def _segments(path: str) -> list[str]:
+    return path.split("/")[1:]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(NASTY, ANY_TEXT))
+def test_canonical_path_shape(raw: str) -> None:
+    path = canonical_path(raw)
+    assert path.startswith("/")
+    assert "//" not in path
+    assert not {".", ".."} & set(_segments(path))
+    assert "/./" not in path
+    assert "/../" not in path
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(NASTY, WELL_FORMED, ANY_TEXT))
+@example("/%%32e")
+@example("/static/%2%65%2%65/settings")
+def test_canonical_path_is_idempotent(raw: str) -> None:
+    """The redirect target is itself canonical (one redirect, never a chain), and a console
+    that decodes once more finds nothing new."""
+    once = canonical_path(raw)
+    assert canonical_path(once) == once
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(FROM_STATIC, NASTY))
+def test_exemption_of_a_canonical_path_stays_under_the_exemption(raw: str) -> None:
+    path = canonical_path(raw)
+    if is_exempt(path, ["/static/"]):
+        assert path.startswith("/static/")
+        # No segment can lead back out of /static/ on the console's side.
+        assert ".." not in _segments(path)
+
+
+@settings(max_examples=200, deadline=None)
+@given(FROM_STATIC)
+@example("/static/%2%65%2%65/settings")
+def test_exempt_paths_stay_exempt_when_normalised_again(raw: str) -> None:
+    """A console that normalises the path it receives once more still sees a static path."""
+    path = canonical_path(raw)
+    if is_exempt(path, ["/static/"]):
+        assert canonical_path(path).startswith("/static/")
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    before=st.text(max_size=8),
+    separator=st.sampled_from(["%2f", "%2F", "%5c", "%5C", "\\", ";"]),
+    after=st.text(max_size=8),
+)
+def test_ambiguous_separators_are_never_exempt(before: str, separator: str, after: str) -> None:
+    for prefix in ("/static/", "/logout/", "/logout"):
+        assert not is_exempt(prefix + before + separator + after, EXEMPT)
