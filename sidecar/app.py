@@ -29,7 +29,7 @@ from aiohttp_session import session_middleware
 
 from sidecar.audit import AuditLog
 from sidecar.config import Config
-from sidecar.identity.base import IdentityProvider, build_identity_provider
+from sidecar.identity.base import build_identity_provider
 from sidecar.identity.headers import identity_header_names
 from sidecar.live import LiveSettings, NetworkPolicy
 from sidecar.metrics import Metrics
@@ -39,12 +39,12 @@ from sidecar.mfa.service import MfaMetrics, MfaService
 from sidecar.mfa.session import RotatingCookieStorage
 from sidecar.middleware.canonical_path import canonical_path_middleware
 from sidecar.middleware.client_ip import client_ip_middleware
-from sidecar.middleware.identity import identity_middleware
+from sidecar.middleware.identity import IdentityRef, identity_middleware
 from sidecar.middleware.ip_gate import ip_gate_middleware
 from sidecar.middleware.mfa_gate import mfa_gate_middleware
 from sidecar.middleware.request_log import request_log_middleware
 from sidecar.proxy import AiohttpUpstream, Proxy, UpstreamTransport
-from sidecar.settings import ParsedLists, SettingsService
+from sidecar.settings import ParsedLists, SettingsService, networks
 from sidecar.store import open_store
 from sidecar.store.base import SecuritySettings, Store, StoreUnavailable
 
@@ -56,9 +56,12 @@ UPSTREAM = web.AppKey[UpstreamTransport]("sidecar.upstream")
 STORE = web.AppKey[Store]("sidecar.store")
 SETTINGS = web.AppKey("sidecar.settings", SettingsService)
 MFA = web.AppKey("sidecar.mfa", MfaService)
-IDENTITY_PROVIDER = web.AppKey[IdentityProvider]("sidecar.identity_provider")
+IDENTITY_PROVIDER = web.AppKey("sidecar.identity_provider", IdentityRef)
 #: Set when the process is draining (SIGTERM): /readyz answers 503 from then on.
 DRAINING = web.AppKey("sidecar.draining", asyncio.Event)
+HANDLERS = web.AppKey("sidecar.handlers", Handlers)
+PROXY = web.AppKey("sidecar.proxy", Proxy)
+BACKGROUND = web.AppKey("sidecar.background", set[asyncio.Task[None]])
 
 # The sidecar's own JSON API never needs large bodies; proxied bodies are streamed and
 # limited separately by listen.max_body_size.
@@ -76,7 +79,7 @@ def build_app(
     metrics = metrics or Metrics()
     # Until the store-held lists are loaded, requests are refused (live.loaded is False), so
     # the gate starts empty rather than parsing the YAML lists twice.
-    live = LiveSettings(NetworkPolicy.build(config, allowlist=(), denylist=()))
+    live = LiveSettings(NetworkPolicy.build(config, allowlist=(), denylist=()), config)
     parsed = ParsedLists(config)
     store = store or open_store(config.storage.url, config.storage.encryption_key)
     audit = AuditLog(config.audit.file, metrics.registry, store)
@@ -88,7 +91,7 @@ def build_app(
         swap_network_policy(
             app,
             NetworkPolicy.build(
-                config,
+                live.config,
                 allowlist=parsed.networks(settings.ip_allowlist),
                 denylist=parsed.networks(settings.ip_denylist),
             ),
@@ -102,7 +105,7 @@ def build_app(
             gc.freeze()
 
     settings = SettingsService(store, config, settings_changed)
-    provider = build_identity_provider(config)
+    identity = IdentityRef(build_identity_provider(config))
     session_storage = RotatingCookieStorage(
         list(config.mfa.session.secret_keys),
         cookie_name=config.mfa.session.cookie_name,
@@ -116,12 +119,8 @@ def build_app(
             ip_gate_middleware(live=live, audit=audit),
             canonical_path_middleware(),
             session_middleware(session_storage),
-            identity_middleware(
-                provider=provider,
-                prefix=config.mfa.path_prefix,
-                exempt_paths=list(config.mfa.exempt_paths),
-            ),
-            mfa_gate_middleware(config=config, settings=settings, service=service),
+            identity_middleware(live=live, identity=identity),
+            mfa_gate_middleware(live=live, settings=settings, service=service),
         ]
     )
     app[CONFIG] = config
@@ -131,8 +130,9 @@ def build_app(
     app[STORE] = store
     app[SETTINGS] = settings
     app[MFA] = service
-    app[IDENTITY_PROVIDER] = provider
+    app[IDENTITY_PROVIDER] = identity
     app[DRAINING] = asyncio.Event()
+    app[BACKGROUND] = set()
     _count_ip_rules(metrics, live)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -148,12 +148,13 @@ def build_app(
         yield
         await settings.stop()
         await app[UPSTREAM].close()
-        await provider.close()
+        await identity.provider.close()
         await store.close()
         audit.close()
 
     app.cleanup_ctx.append(lifecycle)
     handlers = Handlers(config=config, service=service, settings=settings)
+    app[HANDLERS] = handlers
     add_routes(app, handlers)
     add_admin_routes(app, handlers)
     add_prefix_fallback(app, handlers)
@@ -165,8 +166,79 @@ def build_app(
         session_cookie=config.mfa.session.cookie_name,
         identity_headers=identity_header_names(config),
     )
+    app[PROXY] = proxy
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app
+
+
+#: Settings read once at start: changing them in a reload needs a restart (reported, not
+#: applied). Everything else applies to the next request.
+RESTART_ONLY = (
+    ("listen",),
+    ("admin",),
+    ("workers",),
+    ("upstream",),
+    ("storage",),
+    ("audit",),
+    ("mfa", "path_prefix"),
+    ("mfa", "session"),
+)
+
+
+def _part(config: Config, path: tuple[str, ...]) -> object:
+    value: object = config
+    for name in path:
+        value = getattr(value, name)
+    return value
+
+
+async def apply_config(app: web.Application, new: Config) -> list[str]:
+    """Swap a validated config into a running app; returns the keys that need a restart.
+
+    Applied at once: IP lists and MFA policy when ``security.managed_by: config`` (written to
+    the store, so every replica follows), trusted proxies and the client-IP header, identity
+    settings (a new provider; the old one is closed after in-flight requests had time to
+    finish), MFA settings (exempt paths, lockout, verify_every for new checks, origins),
+    the body size cap and the log level.
+    """
+    live = app[LIVE]
+    old = live.config
+    restart = [".".join(path) for path in RESTART_ONLY if _part(old, path) != _part(new, path)]
+    live.config = new
+    app[MFA].config = new
+    app[HANDLERS].reconfigure(new)
+    app[PROXY].max_body_size = new.listen.max_body_size
+    logging.getLogger().setLevel(new.logging.level.upper())
+    if new.identity != old.identity:
+        ref = app[IDENTITY_PROVIDER]
+        retired = ref.provider
+        ref.provider = build_identity_provider(new)
+
+        async def close_later() -> None:
+            await asyncio.sleep(30)
+            await retired.close()
+
+        task = asyncio.get_running_loop().create_task(close_later())
+        _background_tasks(app).add(task)
+        task.add_done_callback(_background_tasks(app).discard)
+    settings = app[SETTINGS]
+    settings.reconfigure(new)
+    await settings.load()  # managed_by config: writes the YAML's lists and policy
+    current = settings.current
+    if current is not None and new.network != old.network:
+        swap_network_policy(
+            app,
+            NetworkPolicy.build(
+                new,
+                allowlist=networks(current.ip_allowlist),
+                denylist=networks(current.ip_denylist),
+            ),
+        )
+    return restart
+
+
+def _background_tasks(app: web.Application) -> set[asyncio.Task[None]]:
+    return app[BACKGROUND]
 
 
 def _count_ip_rules(metrics: Metrics, live: LiveSettings) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from cryptography.fernet import Fernet
@@ -41,7 +42,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     configure_logging(config.logging.level, config.logging.format)
     try:
-        run_until_stopped(serve(config))
+        run_until_stopped(serve(config, Path(args.config).resolve()))
     except OSError as exc:
         logging.getLogger("sidecar").error("cannot start: %s", exc)
         return EXIT_FAILURE

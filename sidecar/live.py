@@ -42,10 +42,13 @@ class NetworkPolicy:
 
 
 class LiveSettings:
-    """One per app: the current network policy, replaced whole by :meth:`swap_network`."""
+    """One per app: what a reload may replace. Each attribute is an immutable value (or a
+    provider) replaced whole; request handling reads each one once per request."""
 
-    def __init__(self, network: NetworkPolicy) -> None:
+    def __init__(self, network: NetworkPolicy, config: Config) -> None:
         self.network = network
+        #: The running configuration (a reload swaps in a new one).
+        self.config = config
         #: False until the store-held lists were loaded once; until then requests are
         #: refused rather than judged by possibly stale YAML lists.
         self.loaded = False

@@ -290,7 +290,7 @@ class Proxy:
         self._session_cookie_marker = session_cookie + "="
         self._identity_headers = identity_headers
         self._metrics = metrics
-        self._max_body_size = max_body_size
+        self.max_body_size = max_body_size
         self._scheme = "https" if secure_listener else "http"
 
     def _upstream_headers(self, request: web.Request, drop: frozenset[str]) -> CIMultiDict[str]:
@@ -341,7 +341,7 @@ class Proxy:
 
     async def _http(self, request: web.Request, target: str) -> web.StreamResponse:
         length = request.content_length
-        if length is not None and length > self._max_body_size:
+        if length is not None and length > self.max_body_size:
             return _too_large(request)
         headers = self._upstream_headers(request, CLIENT_FORWARDING)
         body: AsyncIterator[bytes] | None = None
@@ -355,7 +355,7 @@ class Proxy:
                 received = 0
                 async for chunk in request.content.iter_any():
                     received += len(chunk)
-                    if received > self._max_body_size:
+                    if received > self.max_body_size:
                         too_large = True
                         raise _BodyTooLarge
                     yield chunk
@@ -406,7 +406,7 @@ class Proxy:
                     protocols=(upstream.protocol,) if upstream.protocol else (),
                     autoping=False,
                     autoclose=False,
-                    max_msg_size=self._max_body_size,
+                    max_msg_size=self.max_body_size,
                 )
                 await downstream.prepare(request)
                 await _pump_websockets(downstream, upstream)

@@ -8,6 +8,7 @@ import logging
 import signal
 import ssl
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -16,6 +17,7 @@ from sidecar import __version__
 from sidecar.app import DRAINING, build_admin_app, build_app
 from sidecar.config import Config
 from sidecar.logs import fields
+from sidecar.reload import Reloader
 
 log = logging.getLogger("sidecar")
 
@@ -29,9 +31,10 @@ def _ssl_context(config: Config) -> ssl.SSLContext | None:
     return context
 
 
-async def serve(config: Config) -> None:
+async def serve(config: Config, config_path: Path | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then drain: /readyz turns unready, the listeners stop
-    accepting, in-flight requests get up to ``listen.drain_timeout`` to finish."""
+    accepting, in-flight requests and WebSockets get up to ``listen.drain_timeout`` to
+    finish. SIGHUP (and a changed ``config_path``) reloads the configuration."""
     app = build_app(config)
     admin = build_admin_app(app)
     runner = web.AppRunner(
@@ -64,12 +67,25 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloader = Reloader(app, config_path) if config_path is not None else None
+    reloads: set[asyncio.Task[bool]] = set()
+    if reloader is not None:
+        reloader.start()
+
+        def on_sighup() -> None:
+            task = loop.create_task(reloader.reload("SIGHUP"))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
     try:
         await stop.wait()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
+        if reloader is not None:
+            await reloader.stop()
         log.info("draining", extra=fields(timeout_s=config.listen.drain_timeout))
         app[DRAINING].set()
         await runner.cleanup()

@@ -130,6 +130,10 @@ class SettingsService:
         self._task: asyncio.Task[None] | None = None
         self.healthy = False
 
+    def reconfigure(self, config: Config) -> None:
+        """Use a reloaded config from the next load() on."""
+        self._config = config
+
     @property
     def managed_by(self) -> str:
         return self._config.security.managed_by

@@ -87,12 +87,16 @@ class Caller:
 
 class Handlers:
     def __init__(self, *, config: Config, service: MfaService, settings: SettingsService) -> None:
-        self.config = config
         self.service = service
         self.settings = settings
         self.prefix = config.mfa.path_prefix
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """Use a reloaded config (the prefix stays: routes are registered under it)."""
+        self.config = config
         self._origins = set(config.mfa.origin)
-        self.passkeys = Passkeys(store=service.store, config=config)
+        self.passkeys = Passkeys(store=self.service.store, config=config)
 
     # --- plumbing --------------------------------------------------------------------------
 

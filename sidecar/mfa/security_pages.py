@@ -366,7 +366,7 @@ def _org_cards(prefix: str, settings: Mapping[str, Any], preview: Mapping[str, A
     <div class="notice notice-warning" id="ip-lockout" role="alert" hidden>
       <p id="ip-lockout-text"></p>
       <p class="button-row"><button type="button" class="button"
-        id="ip-save-anyway">Save anyway</button></p>
+        id="ip-save-anyway"{off}>Save anyway</button></p>
     </div>
     <button type="submit" class="button button-primary"
       id="ip-save"{off}>Save IP restrictions</button>

@@ -16,22 +16,33 @@ from aiohttp.typedefs import Handler, Middleware
 from sidecar.answers import unavailable
 from sidecar.decision import Decision
 from sidecar.identity.base import IdentityProvider, IdentityUnavailable
+from sidecar.live import LiveSettings
 from sidecar.paths import is_exempt, is_under
 from sidecar.state import DECISION, IDENTITY, PEER_TRUSTED, REASON
 
 log = logging.getLogger("sidecar.identity")
 
 
-def identity_middleware(
-    *, provider: IdentityProvider, prefix: str, exempt_paths: list[str]
-) -> Middleware:
+class IdentityRef:
+    """The current identity provider; a reload that changes ``identity:`` swaps it."""
+
+    def __init__(self, provider: IdentityProvider) -> None:
+        self.provider = provider
+
+
+def identity_middleware(*, live: LiveSettings, identity: IdentityRef) -> Middleware:
+    prefix = live.config.mfa.path_prefix  # fixed until restart: the routes live there
+
     @web.middleware
-    async def identity(request: web.Request, handler: Handler) -> web.StreamResponse:
-        path = request.path
-        if not is_under(path, prefix) and is_exempt(path, exempt_paths):
+    async def identify(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # Routing (the prefix) follows aiohttp's decoded path; exemptions match the raw path,
+        # which is what the console receives ("%2F" stays "%2F" and is never exempt).
+        raw = request.rel_url.raw_path
+        exempt = is_exempt(raw, live.config.mfa.exempt_paths)
+        if exempt and not is_under(request.path, prefix):
             return await handler(request)
         try:
-            request[IDENTITY] = await provider.identify(
+            request[IDENTITY] = await identity.provider.identify(
                 request.headers, request.get(PEER_TRUSTED, False)
             )
         except IdentityUnavailable as exc:
@@ -43,4 +54,4 @@ def identity_middleware(
             )
         return await handler(request)
 
-    return identity
+    return identify

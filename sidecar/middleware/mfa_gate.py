@@ -23,9 +23,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from sidecar.answers import is_html_navigation, json_error, unavailable
-from sidecar.config import Config
 from sidecar.decision import Decision
 from sidecar.identity.base import is_privileged
+from sidecar.live import LiveSettings
 from sidecar.mfa import pages
 from sidecar.mfa.policy import MfaPolicy, decide, needs_grace_start
 from sidecar.mfa.service import MfaService
@@ -47,20 +47,24 @@ def binding_of(credential_hash: bytes) -> str:
 
 
 def mfa_gate_middleware(
-    *, config: Config, settings: SettingsService, service: MfaService
+    *, live: LiveSettings, settings: SettingsService, service: MfaService
 ) -> Middleware:
-    mfa = config.mfa
-    prefix = mfa.path_prefix
-    admin_roles = config.identity.admin_roles
+    # The prefix is where the routes were registered: it changes only with a restart.
+    prefix = live.config.mfa.path_prefix
 
     @web.middleware
     async def mfa_gate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        config = live.config
+        mfa = config.mfa
+        admin_roles = config.identity.admin_roles
         path = request.path
         if is_under(path, prefix):
             request[DECISION] = Decision.SIDECAR
             return await handler(request)
         identity = request.get(IDENTITY)
-        if identity is None or is_exempt(path, mfa.exempt_paths):
+        # Exemptions match the raw path (what the console receives): request.path has %2F
+        # decoded, and "/static/..%2Fsettings" must not count as static.
+        if identity is None or is_exempt(request.rel_url.raw_path, mfa.exempt_paths):
             return await handler(request)
         if identity.via_token and not mfa.enforce_on_tokens:
             return await handler(request)

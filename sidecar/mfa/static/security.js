@@ -269,8 +269,10 @@
         fields.ip_denylist.value = (saved.ip_denylist || []).join("\n");
         say("IP restrictions saved.", "ok");
       }, (err) => {
-        if (err.code === "invalid" && Array.isArray(err.body.errors)) {
-          say([err.message, ...showErrors(err.body.errors)].join(" "), "error");
+        const invalid = err.code === "invalid" && Array.isArray(err.body.errors);
+        const other = showErrors(invalid ? err.body.errors : []); // stale line errors go
+        if (invalid) {
+          say([err.message, ...other].join(" "), "error");
         } else if (err.code === "would_lock_you_out") {
           // The API's hint for scripts ("Send confirm_lockout: true…") is the button here.
           const reason = err.message.replace(/\s*Send confirm_lockout.*$/, "");

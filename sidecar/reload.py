@@ -1,0 +1,103 @@
+"""Hot reload: SIGHUP or a changed config file re-reads the YAML.
+
+A valid file is swapped in (``sidecar.app.apply_config``); settings that need a restart are
+named in the log. An invalid file changes nothing: the running config stays, the problems
+are logged with their YAML paths, and ``sidecar_config_reloads_total{result="failure"}``
+counts it. Every attempt is audited (``config.reload``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+from aiohttp import web
+
+from sidecar.app import AUDIT, METRICS, apply_config
+from sidecar.config import ConfigError, load_config
+from sidecar.logs import fields
+from sidecar.store.base import StoreUnavailable
+
+log = logging.getLogger("sidecar.reload")
+
+WATCH_SECONDS = 2.0
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return (info.st_mtime_ns, info.st_size, info.st_ino)
+
+
+class Reloader:
+    def __init__(self, app: web.Application, path: Path) -> None:
+        self._app = app
+        self._path = path
+        self._lock = asyncio.Lock()
+        self._stamp = _stamp(path)
+        self._task: asyncio.Task[None] | None = None
+
+    async def reload(self, trigger: str) -> bool:
+        """Re-read the file; True when the new config is running."""
+        async with self._lock:
+            self._stamp = _stamp(self._path)
+            metrics = self._app[METRICS]
+            audit = self._app[AUDIT]
+            try:
+                config = await asyncio.to_thread(load_config, self._path)
+                restart = await apply_config(self._app, config)
+            except ConfigError as exc:
+                metrics.config_reloads_total.labels("failure").inc()
+                log.error(
+                    "config reload refused, keeping the running config",
+                    extra=fields(trigger=trigger, file=str(self._path), problems=exc.problems),
+                )
+                await audit.record(
+                    "config.reload",
+                    actor="operator",
+                    client_ip=None,
+                    outcome="failure",
+                    trigger=trigger,
+                    problems=exc.problems,
+                )
+                return False
+            except StoreUnavailable as exc:
+                metrics.config_reloads_total.labels("failure").inc()
+                log.error("config reload could not reach the store: %s", exc)
+                return False
+            metrics.config_reloads_total.labels("success").inc()
+            if restart:
+                log.warning(
+                    "config reloaded; these changes need a restart to take effect",
+                    extra=fields(trigger=trigger, restart_needed=restart),
+                )
+            else:
+                log.info("config reloaded", extra=fields(trigger=trigger))
+            await audit.record(
+                "config.reload",
+                actor="operator",
+                client_ip=None,
+                trigger=trigger,
+                restart_needed=restart,
+            )
+            return True
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_SECONDS)
+            stamp = _stamp(self._path)
+            if stamp is not None and stamp != self._stamp:
+                await self.reload("file changed")
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._watch())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

@@ -1,0 +1,182 @@
+"""Operating a real sidecar process: hot reload on SIGHUP, graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from tests.process import SidecarProcess, run_sidecar
+
+Release = web.AppKey("release", asyncio.Event)
+
+
+def streaming_upstream() -> web.Application:
+    """``/stream`` sends a first chunk, waits for ``app[Release]``, then sends the rest."""
+    app = web.Application()
+    app[Release] = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.content_length = 2 * 65536
+        await response.prepare(request)
+        await response.write(b"a" * 65536)
+        await asyncio.wait_for(app[Release].wait(), 20)
+        await response.write(b"b" * 65536)
+        return response
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app.router.add_get("/stream", stream)
+    app.router.add_get("/{tail:.*}", page)
+    return app
+
+
+BEHIND_PROXY = {
+    "network": {"trusted_proxies": ["127.0.0.0/8"]},
+    "security": {"managed_by": "config", "ip_denylist": ["198.51.100.0/24"]},
+    "logging": {"level": "info", "format": "json"},
+}
+CLIENT = {"X-Forwarded-For": "203.0.113.9"}
+
+
+async def status_of(sidecar: SidecarProcess) -> int:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(sidecar.url + "/page", headers=CLIENT) as response:
+            return response.status
+
+
+async def metric(sidecar: SidecarProcess, line_start: str) -> float:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{sidecar.admin_port}/metrics") as response:
+            text = await response.text()
+    for line in text.splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{line_start} not in /metrics")
+
+
+def rewrite(tmp_path: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    path = tmp_path / "sidecar.yaml"
+    raw = yaml.safe_load(path.read_text())
+    change(raw)
+    path.write_text(yaml.safe_dump(raw))
+
+
+async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.slow
+async def test_sighup_applies_a_valid_change_and_keeps_the_old_config_on_a_bad_one(
+    tmp_path: Path, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> None:
+    upstream = await aiohttp_server(streaming_upstream())
+    with run_sidecar(tmp_path, f"http://127.0.0.1:{upstream.port}", **BEHIND_PROXY) as sidecar:
+        assert await status_of(sidecar) == 200
+        async with aiohttp.ClientSession() as session:
+            # A streamed response in flight across the reload.
+            async with session.get(sidecar.url + "/stream", headers=CLIENT) as streaming:
+                first = await streaming.content.readexactly(65536)
+
+                def deny_client(raw: dict[str, Any]) -> None:
+                    raw["security"]["ip_denylist"].append("203.0.113.0/24")
+
+                rewrite(tmp_path, deny_client)
+                sidecar.proc.send_signal(signal.SIGHUP)
+
+                async def denied() -> bool:
+                    return await status_of(sidecar) == 403
+
+                await wait_for(denied)
+                upstream.app[Release].set()
+                rest = await streaming.read()
+        assert first + rest == b"a" * 65536 + b"b" * 65536
+
+        def break_it(raw: dict[str, Any]) -> None:
+            raw["security"]["ip_denylist"] = ["10.0.0.0/33"]
+
+        rewrite(tmp_path, break_it)
+        before = await metric(sidecar, 'sidecar_config_reloads_total{result="failure"}')
+        sidecar.proc.send_signal(signal.SIGHUP)
+
+        async def failure_counted() -> bool:
+            after = await metric(sidecar, 'sidecar_config_reloads_total{result="failure"}')
+            return after == before + 1
+
+        await wait_for(failure_counted)
+        assert await status_of(sidecar) == 403  # the old, valid config is still running
+        assert sidecar.proc.poll() is None
+    log = (tmp_path / "sidecar.log").read_text()
+    assert "security.ip_denylist[0]: '10.0.0.0/33' is not a CIDR" in log
+    assert "Traceback" not in log
+
+
+@pytest.mark.slow
+async def test_a_changed_file_is_picked_up_without_a_signal(
+    tmp_path: Path, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> None:
+    upstream = await aiohttp_server(streaming_upstream())
+    with run_sidecar(tmp_path, f"http://127.0.0.1:{upstream.port}", **BEHIND_PROXY) as sidecar:
+        assert await status_of(sidecar) == 200
+
+        def deny_client(raw: dict[str, Any]) -> None:
+            raw["security"]["ip_denylist"] = ["203.0.113.9"]
+
+        rewrite(tmp_path, deny_client)
+
+        async def denied() -> bool:
+            return await status_of(sidecar) == 403
+
+        await wait_for(denied)
+
+
+@pytest.mark.slow
+async def test_sigterm_lets_a_streamed_response_finish_and_refuses_new_connections(
+    tmp_path: Path, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> None:
+    upstream = await aiohttp_server(streaming_upstream())
+    with run_sidecar(tmp_path, f"http://127.0.0.1:{upstream.port}", **BEHIND_PROXY) as sidecar:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(sidecar.url + "/stream", headers=CLIENT) as streaming:
+                first = await streaming.content.readexactly(65536)
+                sidecar.proc.send_signal(signal.SIGTERM)
+
+                async def unready() -> bool:
+                    url = f"http://127.0.0.1:{sidecar.admin_port}/readyz"
+                    try:
+                        async with aiohttp.ClientSession() as probe:
+                            async with probe.get(url) as response:
+                                return response.status == 503
+                    except aiohttp.ClientConnectionError:
+                        return True
+
+                await wait_for(unready)
+
+                async def refused() -> bool:
+                    try:
+                        async with aiohttp.ClientSession() as fresh:
+                            async with fresh.get(sidecar.url + "/page", headers=CLIENT):
+                                return False
+                    except aiohttp.ClientConnectionError:
+                        return True
+
+                await wait_for(refused)
+                upstream.app[Release].set()
+                rest = await streaming.read()
+        assert first + rest == b"a" * 65536 + b"b" * 65536
+        assert await asyncio.to_thread(sidecar.proc.wait, 15) == 0
