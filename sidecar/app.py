@@ -19,6 +19,7 @@ at start), the live settings (loaded, then polled), the identity provider, the u
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import time
@@ -34,6 +35,7 @@ from sidecar.identity.headers import identity_header_names
 from sidecar.live import LiveSettings, NetworkPolicy
 from sidecar.metrics import Metrics
 from sidecar.mfa.admin import add_admin_routes
+from sidecar.mfa.policy import MfaPolicy
 from sidecar.mfa.routes import Handlers, add_prefix_fallback, add_routes
 from sidecar.mfa.service import MfaMetrics, MfaService
 from sidecar.mfa.session import RotatingCookieStorage
@@ -144,8 +146,12 @@ def build_app(
             # background loop reaches it.
             logging.getLogger("sidecar").error("store unavailable at start: %s", exc)
         settings.start()
+        gauges = asyncio.get_running_loop().create_task(_refresh_user_gauges(service, settings))
         app[UPSTREAM] = AiohttpUpstream(config)
         yield
+        gauges.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await gauges
         await settings.stop()
         await app[UPSTREAM].close()
         await identity.provider.close()
@@ -241,6 +247,25 @@ def _background_tasks(app: web.Application) -> set[asyncio.Task[None]]:
     return app[BACKGROUND]
 
 
+USER_GAUGES_SECONDS = 30.0
+
+
+async def _refresh_user_gauges(service: MfaService, settings: SettingsService) -> None:
+    """``sidecar_mfa_users{state}`` from the store, so a rollout can be watched."""
+    while True:
+        current = settings.current
+        if current is not None:
+            try:
+                await service.refresh_user_gauges(
+                    policy=MfaPolicy(current.mfa_policy),
+                    epoch=current.policy_epoch,
+                    grace_period=current.grace_period_seconds,
+                )
+            except StoreUnavailable as exc:
+                logging.getLogger("sidecar").warning("user gauges not refreshed: %s", exc)
+        await asyncio.sleep(USER_GAUGES_SECONDS)
+
+
 def _count_ip_rules(metrics: Metrics, live: LiveSettings) -> None:
     metrics.ip_rules.labels("allowlist").set(len(live.network.gate.allowlist))
     metrics.ip_rules.labels("denylist").set(len(live.network.gate.denylist))
@@ -264,6 +289,8 @@ def build_admin_app(public: web.Application) -> web.Application:
     async def readyz(request: web.Request) -> web.Response:
         if public[DRAINING].is_set():
             return web.json_response({"ready": False, "reason": "draining"}, status=503)
+        if not public[LIVE].loaded or not public[SETTINGS].healthy:
+            return web.json_response({"ready": False, "reason": "store unavailable"}, status=503)
         # Probing the upstream at most once a second keeps an aggressive prober from
         # turning into load on the console.
         now = time.monotonic()

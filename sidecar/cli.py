@@ -35,14 +35,22 @@ def _load(path: str) -> Config | None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from sidecar.logs import configure_logging  # deferred: keeps `--help` fast
-    from sidecar.server import run_until_stopped, serve
 
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
     configure_logging(config.logging.level, config.logging.format)
+    path = Path(args.config).resolve()
+    if config.workers > 1:
+        from sidecar.workers import prepare_metrics_dir, run_workers
+
+        # Before anything imports prometheus-client: it picks multiprocess mode at import.
+        metrics_dir = prepare_metrics_dir()
+        return run_workers(config, path, metrics_dir)
+    from sidecar.server import run_until_stopped, serve
+
     try:
-        run_until_stopped(serve(config, Path(args.config).resolve()))
+        run_until_stopped(serve(config, path))
     except OSError as exc:
         logging.getLogger("sidecar").error("cannot start: %s", exc)
         return EXIT_FAILURE

@@ -73,6 +73,7 @@ class Metrics:
             "Rules in the live IP lists",
             ["list"],
             registry=r,
+            multiprocess_mode="max",
         )
         self.config_reloads_total = Counter(
             "sidecar_config_reloads_total",
@@ -85,6 +86,7 @@ class Metrics:
             "Build information (always 1)",
             ["version", "python"],
             registry=r,
+            multiprocess_mode="max",
         )
         self.build_info.labels(__version__, platform.python_version()).set(1)
         self._by_decision = {d: self.requests_total.labels(d.value) for d in Decision}

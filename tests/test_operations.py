@@ -180,3 +180,54 @@ async def test_sigterm_lets_a_streamed_response_finish_and_refuses_new_connectio
                 rest = await streaming.read()
         assert first + rest == b"a" * 65536 + b"b" * 65536
         assert await asyncio.to_thread(sidecar.proc.wait, 15) == 0
+
+
+def children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+@pytest.mark.slow
+async def test_two_workers_both_serve_and_metrics_add_up(
+    tmp_path: Path, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> None:
+    upstream = await aiohttp_server(streaming_upstream())
+    with run_sidecar(
+        tmp_path, f"http://127.0.0.1:{upstream.port}", workers=2, logging={"level": "warning"}
+    ) as sidecar:
+
+        async def two_workers() -> bool:
+            return len(children(sidecar.proc.pid)) == 2
+
+        await wait_for(two_workers, 20)
+        workers = children(sidecar.proc.pid)
+
+        async def all_ready() -> bool:
+            async with aiohttp.ClientSession() as session:
+                for _ in range(20):
+                    try:
+                        async with session.get(sidecar.url + "/page") as response:
+                            if response.status != 200:
+                                return False
+                    except aiohttp.ClientConnectionError:
+                        return False
+            return True
+
+        await wait_for(all_ready, 20)
+        before = {pid: cpu_ticks(pid) for pid in workers}
+        connector = aiohttp.TCPConnector(force_close=True)  # a new connection per request
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for _ in range(300):
+                async with session.get(sidecar.url + "/page") as response:
+                    assert response.status == 200
+        used = {pid: cpu_ticks(pid) - before[pid] for pid in workers}
+        assert all(ticks > 0 for ticks in used.values()), used
+        total = await metric(sidecar, 'sidecar_requests_total{decision="allowed"}')
+        assert total >= 300
+        sidecar.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(sidecar.proc.wait, 30) == 0

@@ -74,6 +74,7 @@ class MfaMetrics:
             "Known users by MFA state (enrolled; required but in grace; required and overdue)",
             ["state"],
             registry=registry,
+            multiprocess_mode="max",  # every worker computes the same counts from the store
         )
         for method in ("totp", "passkey", "recovery_code"):
             if method != "recovery_code":

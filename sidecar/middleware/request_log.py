@@ -36,6 +36,13 @@ def request_log_middleware(*, metrics: Metrics) -> Middleware:
         except asyncio.CancelledError:
             status = 499  # the client went away
             raise
+        except ConnectionResetError:
+            # The client closed the connection while we were answering (aiohttp raises
+            # ClientConnectionResetError, a ConnectionResetError): nothing to answer, and
+            # nothing went wrong on our side. Logged as 499, never as an error.
+            status = 499
+            request[REASON] = "client closed the connection"
+            return web.Response(status=499)
         except Exception:
             log.exception("unhandled error", extra=fields(path=request.path))
             return web.Response(status=500, text="internal error\n")
