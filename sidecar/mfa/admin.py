@@ -24,8 +24,9 @@ from sidecar.answers import json_error
 from sidecar.config import parse_cidr, parse_duration
 from sidecar.decision import Decision
 from sidecar.identity.base import is_privileged
+from sidecar.mfa import pages, security_pages
 from sidecar.mfa.policy import MfaPolicy, is_required, is_tightening
-from sidecar.mfa.routes import Caller, Handlers
+from sidecar.mfa.routes import Caller, Handlers, methods_json
 from sidecar.net import IpGate
 from sidecar.settings import networks
 from sidecar.state import CLIENT_IP
@@ -315,6 +316,59 @@ class AdminHandlers:
             )
         return web.json_response({"entries": rows}, headers={"Cache-Control": "no-store"})
 
+    async def security_page(self, request: web.Request) -> web.Response:
+        async def render(caller: Caller) -> str:
+            privileged = is_privileged(caller.identity, self.config.identity.admin_roles)
+            passkeys = await self.service.store.passkeys(caller.identity.user_id)
+            settings: dict[str, Any] | None = None
+            preview: dict[str, int] | None = None
+            step_up_url: str | None = None
+            current = self.settings.current
+            if privileged and not self.h.stepped_up(caller):
+                step_up_url = f"{self.h.prefix}/verify?next={self.h.prefix}/security"
+            elif privileged and current is not None:
+                settings = settings_json(current, self.settings.managed_by)
+                try:
+                    preview = await self.preview(
+                        MfaPolicy(current.mfa_policy), current.grace_period_seconds
+                    )
+                except StoreUnavailable:
+                    preview = None
+            lockout = self.config.mfa.lockout
+            return security_pages.render_security(
+                self.h.context(request, caller),
+                privileged=privileged,
+                methods=methods_json(caller, passkeys),
+                settings=settings,
+                preview=preview,
+                session_lifetime=f"Set by {self.config.mfa.rp_name}",
+                verify_every=security_pages.describe_duration(self.config.mfa.verify_every),
+                lockout=security_pages.describe_lockout(
+                    lockout.max_failures, lockout.window, lockout.ban
+                ),
+                step_up_url=step_up_url,
+            )
+
+        return await self.h.page(request, render)
+
+    async def audit_page(self, request: web.Request) -> web.Response:
+        async def render(caller: Caller) -> str:
+            if not is_privileged(caller.identity, self.config.identity.admin_roles):
+                raise web.HTTPForbidden(
+                    text=pages.render_error(
+                        "Admins only",
+                        "Only organization admins can see the audit log.",
+                        prefix=self.h.prefix,
+                    ),
+                    content_type="text/html",
+                    headers={"Cache-Control": "no-store"},
+                )
+            if not self.h.stepped_up(caller):
+                raise web.HTTPSeeOther(f"{self.h.prefix}/verify?next={self.h.prefix}/audit")
+            return security_pages.render_audit(self.h.context(request, caller))
+
+        return await self.h.page(request, render)
+
     async def reset_mfa(self, request: web.Request) -> web.Response:
         caller = await self._admin(request, write=True)
         if isinstance(caller, web.Response):
@@ -339,6 +393,8 @@ def add_admin_routes(app: web.Application, handlers: Handlers) -> AdminHandlers:
     admin = AdminHandlers(handlers)
     p = handlers.prefix
     r = app.router
+    r.add_get(f"{p}/security", admin.security_page)
+    r.add_get(f"{p}/audit", admin.audit_page)
     r.add_get(f"{p}/api/admin/security", admin.get_security)
     r.add_put(f"{p}/api/admin/security", admin.put_security)
     r.add_get(f"{p}/api/admin/security/preview", admin.preview_handler)

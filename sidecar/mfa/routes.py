@@ -48,7 +48,7 @@ from sidecar.mfa.session import (
 from sidecar.middleware.mfa_gate import binding_of
 from sidecar.settings import SettingsService
 from sidecar.state import CLIENT_IP, IDENTITY, LOG_PATH
-from sidecar.store.base import MfaState, StoreUnavailable
+from sidecar.store.base import MfaState, PasskeyRecord, StoreUnavailable
 
 log = logging.getLogger("sidecar.mfa")
 
@@ -71,6 +71,8 @@ def safe_next(value: str | None, prefix: str) -> str:
     parts = urlsplit(value)
     if parts.scheme or parts.netloc:
         return "/"
+    if parts.path in (f"{prefix}/security", f"{prefix}/audit"):
+        return value  # back to the page that sent the user to verify (step-up)
     if parts.path == prefix or parts.path.startswith(prefix + "/"):
         return "/"
     return value
@@ -83,6 +85,23 @@ class Caller:
     binding: str
     actor: Actor
     state: MfaState
+
+
+def methods_json(caller: Caller, passkeys: list[PasskeyRecord]) -> dict[str, Any]:
+    """The user's methods as the status API and the Security page show them."""
+    return {
+        "totp": caller.state.totp,
+        "passkeys": [
+            {
+                "id": bytes_to_base64url(p.credential_id),
+                "name": p.name,
+                "created_at": p.created_at.isoformat(),
+                "last_used_at": p.last_used_at.isoformat() if p.last_used_at else None,
+            }
+            for p in passkeys
+        ],
+        "recovery_codes_left": caller.state.recovery_codes_left,
+    }
 
 
 class Handlers:
@@ -204,24 +223,12 @@ class Handlers:
             return json_error(503, "store_unavailable", "Security checks are unavailable.")
         return web.json_response(
             {
+                "methods": methods_json(caller, passkeys),
                 "user": caller.identity.user_id,
                 "email": caller.identity.email,
                 "role": caller.identity.role,
                 "required": self.required(caller.identity),
                 "enrolled": caller.state.enrolled,
-                "methods": {
-                    "totp": caller.state.totp,
-                    "passkeys": [
-                        {
-                            "id": bytes_to_base64url(p.credential_id),
-                            "name": p.name,
-                            "created_at": p.created_at.isoformat(),
-                            "last_used_at": p.last_used_at.isoformat() if p.last_used_at else None,
-                        }
-                        for p in passkeys
-                    ],
-                    "recovery_codes_left": caller.state.recovery_codes_left,
-                },
                 "grace_deadline": deadline,
                 "verified": self.verified(caller),
                 "csrf_token": csrf_token(caller.session),
@@ -527,7 +534,7 @@ class Handlers:
 
     # --- pages -----------------------------------------------------------------------------
 
-    async def _page(
+    async def page(
         self, request: web.Request, render: Callable[[Caller], Awaitable[str]]
     ) -> web.Response:
         identity = request.get(IDENTITY)
@@ -556,7 +563,7 @@ class Handlers:
                 has_totp=caller.state.totp,
             )
 
-        return await self._page(request, render)
+        return await self.page(request, render)
 
     async def verify_page(self, request: web.Request) -> web.Response:
         async def render(caller: Caller) -> str:
@@ -577,7 +584,7 @@ class Handlers:
                 raise web.HTTPSeeOther(
                     f"{self.prefix}/setup?next={safe_next(request.query.get('next'), self.prefix)}"
                 )
-        return await self._page(request, render)
+        return await self.page(request, render)
 
     async def static(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]

@@ -230,3 +230,28 @@ async def test_anonymous_admin_calls_are_401(sidecar: Factory, method: str) -> N
     client = await sidecar()
     response = await client.request(method, "/mfa/api/admin/security")
     assert response.status == 401
+
+
+async def test_security_page_shows_members_their_own_mfa_only(sidecar: Factory) -> None:
+    member = await sidecar()
+    login(member, "carol")
+    page = await member.get("/mfa/security")
+    assert page.status == 200
+    text = await page.text()
+    assert "Your sign-in methods" in text
+    assert "IP restrictions" not in text
+    assert "Open audit log" not in text
+    assert (await member.get("/mfa/audit", allow_redirects=False)).status == 403
+
+
+async def test_security_page_gives_a_stepped_up_admin_the_org_settings(sidecar: Factory) -> None:
+    admin = await stepped_up_admin(sidecar)
+    text = await (await admin.get("/mfa/security")).text()
+    for heading in ("IP restrictions", "Open audit log", "evaluated first"):
+        assert heading in text
+    assert (await admin.get("/mfa/audit")).status == 200
+    fresh = await sidecar()
+    login(fresh, "bob")
+    step_up = await fresh.get("/mfa/audit", allow_redirects=False)
+    assert step_up.status == 303
+    assert step_up.headers["Location"] == "/mfa/verify?next=/mfa/audit"

@@ -162,6 +162,7 @@
       if (focus) totpSection.focus();
     }
     toggle.addEventListener("click", () => showTotp(true));
+    if (new URLSearchParams(location.search).get("method") === "totp") showTotp(true);
 
     if (!webauthnAvailable()) {
       byId("passkey-unsupported").hidden = false;
