@@ -159,7 +159,11 @@ def _cmd_ip_explain(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
-    report, ok = explain_ip(config, args.addr, via=args.via, header_lines=args.header or [])
+    try:
+        report, ok = explain_ip(config, args.addr, via=args.via, header_lines=args.header or [])
+    except ValueError as exc:
+        print(f"sidecar ip explain: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     print(report)
     return EXIT_OK if ok else EXIT_FAILURE
 

@@ -29,7 +29,10 @@ def _synthesized_header(header: ClientIpHeader, addr: str) -> str:
 def explain_ip(
     config: Config, addr: str, *, via: str | None, header_lines: list[str]
 ) -> tuple[str, bool]:
-    """A human-readable report and whether such a request would pass the IP stages."""
+    """A human-readable report and whether such a request would pass the IP stages.
+
+    Raises ValueError for input that is not an address or header line (a usage error).
+    """
     policy = NetworkPolicy.build(config)
     header = policy.client_ip_header
     name = _HEADER_SPELLING[header]
@@ -38,7 +41,7 @@ def explain_ip(
     for raw in header_lines:
         field, sep, value = raw.partition(":")
         if not sep:
-            return f"--header {raw!r}: write it as 'Name: value'", False
+            raise ValueError(f"--header {raw!r}: write it as 'Name: value'")
         if field.strip().lower() != header.value:
             lines.append(
                 f"note: header {field.strip()} ignored: network.client_ip_header is {name}"
@@ -50,7 +53,7 @@ def explain_ip(
         values = [_synthesized_header(header, addr)]
     peer_ip = parse_ip(peer)
     if peer_ip is None:
-        return f"{peer!r} is not an IP address", False
+        raise ValueError(f"{peer!r} is not an IP address")
     trusted_rule = policy.trusted_proxies.matching_rule(peer_ip)
     if trusted_rule is None:
         lines.append(f"TCP peer {peer_ip}: not a trusted proxy, so it is the client address")
