@@ -139,6 +139,13 @@ class Handlers:
             state,
         )
 
+    async def writer(self, request: web.Request) -> Caller | web.Response:
+        """The caller of a state-changing call, or the answer refusing it (401, CSRF)."""
+        caller = await self.caller(request)
+        if isinstance(caller, web.Response):
+            return caller
+        return self.cross_site(request, caller.session) or caller
+
     def cross_site(self, request: web.Request, session: Session) -> web.Response | None:
         """The CSRF answer for a state-changing call, or None when it may proceed."""
         origin = request.headers.get("Origin")
@@ -237,11 +244,9 @@ class Handlers:
         )
 
     async def totp_begin(self, request: web.Request) -> web.Response:
-        caller = await self.caller(request)
+        caller = await self.writer(request)
         if isinstance(caller, web.Response):
             return caller
-        if refused := self.cross_site(request, caller.session):
-            return refused
         if caller.state.totp:
             return json_error(
                 409, "already_enrolled", "An authenticator app is already set up; remove it first."
@@ -255,11 +260,9 @@ class Handlers:
         )
 
     async def totp_finish(self, request: web.Request) -> web.Response:
-        caller = await self.caller(request)
+        caller = await self.writer(request)
         if isinstance(caller, web.Response):
             return caller
-        if refused := self.cross_site(request, caller.session):
-            return refused
         data = await self.body(request)
         if isinstance(data, web.Response):
             return data
@@ -300,11 +303,9 @@ class Handlers:
         method: str,
         check: Callable[[Caller, str], Awaitable[bool]],
     ) -> web.Response:
-        caller = await self.caller(request)
+        caller = await self.writer(request)
         if isinstance(caller, web.Response):
             return caller
-        if refused := self.cross_site(request, caller.session):
-            return refused
         data = await self.body(request)
         if isinstance(data, web.Response):
             return data
@@ -342,11 +343,9 @@ class Handlers:
         return await self._verify(request, "recovery_code", check)
 
     async def regenerate_recovery_codes(self, request: web.Request) -> web.Response:
-        caller = await self.caller(request)
+        caller = await self.writer(request)
         if isinstance(caller, web.Response):
             return caller
-        if refused := self.cross_site(request, caller.session):
-            return refused
         if not caller.state.enrolled:
             return json_error(409, "not_enrolled", "Set up a sign-in method first.")
         if not self.stepped_up(caller):
@@ -357,11 +356,9 @@ class Handlers:
         return web.json_response({"recovery_codes": codes}, headers=_NO_STORE)
 
     async def remove_totp(self, request: web.Request) -> web.Response:
-        caller = await self.caller(request)
+        caller = await self.writer(request)
         if isinstance(caller, web.Response):
             return caller
-        if refused := self.cross_site(request, caller.session):
-            return refused
         if not caller.state.totp:
             return json_error(404, "not_found", "No authenticator app is set up.")
         if not self.stepped_up(caller):
@@ -378,11 +375,9 @@ class Handlers:
     # --- passkeys -------------------------------------------------------------------------
 
     async def passkey_begin(self, request: web.Request) -> web.Response:
-        caller = await self.caller(request)
+        caller = await self.writer(request)
         if isinstance(caller, web.Response):
             return caller
-        if refused := self.cross_site(request, caller.session):
-            return refused
         if caller.state.enrolled and not self.stepped_up(caller):
             return self.step_up_required(f"{self.prefix}/setup")
         name = caller.identity.email or caller.identity.user_id
@@ -399,11 +394,9 @@ class Handlers:
         )
 
     async def passkey_finish(self, request: web.Request) -> web.Response:
-        caller = await self.caller(request)
+        caller = await self.writer(request)
         if isinstance(caller, web.Response):
             return caller
-        if refused := self.cross_site(request, caller.session):
-            return refused
         data = await self.body(request)
         if isinstance(data, web.Response):
             return data
@@ -443,11 +436,9 @@ class Handlers:
         )
 
     async def verify_passkey_begin(self, request: web.Request) -> web.Response:
-        caller = await self.caller(request)
+        caller = await self.writer(request)
         if isinstance(caller, web.Response):
             return caller
-        if refused := self.cross_site(request, caller.session):
-            return refused
         lockout = await self.service.lockout(caller.identity.user_id, caller.actor.client_ip)
         if lockout.locked_until is not None:
             return _locked(lockout.locked_until.isoformat())
@@ -465,11 +456,9 @@ class Handlers:
         )
 
     async def verify_passkey_finish(self, request: web.Request) -> web.Response:
-        caller = await self.caller(request)
+        caller = await self.writer(request)
         if isinstance(caller, web.Response):
             return caller
-        if refused := self.cross_site(request, caller.session):
-            return refused
         data = await self.body(request)
         if isinstance(data, web.Response):
             return data
@@ -497,11 +486,9 @@ class Handlers:
         return await self._verified_answer(request, caller, {"verified": True})
 
     async def remove_passkey(self, request: web.Request) -> web.Response:
-        caller = await self.caller(request)
+        caller = await self.writer(request)
         if isinstance(caller, web.Response):
             return caller
-        if refused := self.cross_site(request, caller.session):
-            return refused
         shown = request.match_info["id"]
         # Never log a full credential id (the access log writes the path).
         request[LOG_PATH] = f"{self.prefix}/api/passkeys/{shown[:6]}..."
