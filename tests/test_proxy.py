@@ -128,11 +128,16 @@ async def raw_exchange(port: int, request: bytes, timeout: float = 5.0) -> bytes
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(request)
     await writer.drain()
+    chunks = []
     try:
-        data = await asyncio.wait_for(reader.read(65536), timeout)
+        async with asyncio.timeout(timeout):
+            while chunk := await reader.read(65536):
+                chunks.append(chunk)
+                if b"Connection: close" not in request:
+                    break  # one answer is all a kept-alive exchange will get
     finally:
         writer.close()
-    return data
+    return b"".join(chunks)
 
 
 async def test_absolute_form_target_cannot_change_upstream_or_forwarded_host(
@@ -477,3 +482,32 @@ async def test_request_log_line_has_the_fields_operators_need(
     assert logged["client_ip"] == "127.0.0.1"
     assert logged["upstream_status"] == 200
     assert "secret" not in repr(logged)
+
+
+async def test_head_304_and_expect_continue_behave(sidecar_for: SidecarFactory) -> None:
+    upstream = web.Application()
+
+    async def resource(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("If-None-Match") == '"v1"':
+            return web.Response(status=304, headers={"ETag": '"v1"'})
+        body = await request.read()
+        return web.Response(body=body or b"x" * 1234, headers={"ETag": '"v1"'})
+
+    upstream.router.add_route("*", "/r", resource)
+    client = await sidecar_for(upstream)
+    head = await client.head("/r")
+    assert head.status == 200
+    assert head.headers["Content-Length"] == "1234"
+    assert await head.read() == b""
+    cached = await client.get("/r", headers={"If-None-Match": '"v1"'})
+    assert cached.status == 304
+    assert await cached.read() == b""
+    port = client.server.port
+    assert port is not None
+    answer = await raw_exchange(
+        port,
+        b"POST /r HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n"
+        b"Connection: close\r\n\r\nhello",
+    )
+    assert b"200 OK" in answer
+    assert answer.endswith(b"hello")
