@@ -231,3 +231,60 @@ async def test_two_workers_both_serve_and_metrics_add_up(
         assert total >= 300
         sidecar.proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(sidecar.proc.wait, 30) == 0
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+@pytest.mark.slow
+async def test_tls_listener_serves_https_and_tells_the_upstream(
+    tmp_path: Path, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> None:
+    seen: list[str] = []
+    upstream_app = web.Application()
+
+    async def page(request: web.Request) -> web.Response:
+        seen.append(request.headers["X-Forwarded-Proto"])
+        return web.Response(text="ok")
+
+    upstream_app.router.add_get("/", page)
+    upstream = await aiohttp_server(upstream_app)
+    cert_file, key_file = self_signed(tmp_path)
+    tls = {"listen": {"tls": {"cert_file": str(cert_file), "key_file": str(key_file)}}}
+    with run_sidecar(tmp_path, f"http://127.0.0.1:{upstream.port}", **tls) as sidecar:
+        async with aiohttp.ClientSession() as session:
+            url = f"https://127.0.0.1:{sidecar.port}/"
+            async with session.get(url, ssl=False) as response:
+                assert response.status == 200
+    assert seen == ["https"]
