@@ -373,12 +373,19 @@ def make_rules(count: int, seed: int = RULE_SEED) -> list[str]:
 
 
 def sidecar_config(
-    tmp: Path, name: str, port: int, admin: int, upstream: int, rules: list[str], key: str
+    tmp: Path,
+    name: str,
+    port: int,
+    admin: int,
+    upstream: int,
+    rules: list[str],
+    key: str,
+    workers: int = 1,
 ) -> Path:
     lines = [
         f"listen: {{host: 127.0.0.1, port: {port}, drain_timeout: 1}}",
         f"admin: {{host: 127.0.0.1, port: {admin}}}",
-        "workers: 1",
+        f"workers: {workers}",
         f'upstream: {{url: "http://127.0.0.1:{upstream}"}}',
         "security:",
         "  ip_allowlist: []",
@@ -518,6 +525,7 @@ class Target:
     peak_rss_kib: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     log_summary: list[tuple[int, str, str]] = field(default_factory=list)
+    workers: int = 1
 
 
 def machine_info() -> list[str]:
@@ -625,8 +633,9 @@ def report(targets: list[Target], args: argparse.Namespace, info: list[str], ela
             f"{busiest:.2f} of {os.cpu_count()} cores during a run (column `other load`, the "
             "worst run per target); those numbers are depressed. Re-run on a quiet machine.",
         ]
-    small = next((t for t in targets if t.is_sidecar and t.rules <= 1000), None)
+    small = next((t for t in targets if t.is_sidecar and t.rules <= 1000 and t.workers == 1), None)
     big = next((t for t in targets if t.is_sidecar and t.rules > 1000), None)
+    multi = next((t for t in targets if t.is_sidecar and t.workers > 1), None)
     small_rps, big_rps = med_rps(small), med_rps(big)
     out.append("")
     if small and big and small_rps and big_rps:
@@ -636,6 +645,12 @@ def report(targets: list[Target], args: argparse.Namespace, info: list[str], ela
         )
     else:
         out.append("100k-rule sidecar throughput: not measured (a sidecar failed)")
+    multi_rps = med_rps(multi)
+    if multi and small and multi_rps and small_rps:
+        out.append(
+            f"\n{multi.workers}-worker sidecar throughput = {multi_rps / small_rps:.2f}x the "
+            "1-worker sidecar (wrk and the upstream share the same 2 cores)"
+        )
     out += [
         "",
         "Server CPU is the target's own process tree (utime+stime from /proc/<pid>/stat over "
@@ -811,17 +826,20 @@ def bench(args: argparse.Namespace, tmp: Path, servers: list[Server]) -> int:
     key = fernet_key()
     print(f"generating {args.rules:,} denylist rules ...", flush=True)
     all_rules = make_rules(max(args.rules, 10))
-    for count in (10, args.rules):
+    for count, workers in ((10, 1), (args.rules, 1), (10, 2)):
         label = f"{count // 1000}k" if count >= 1000 and count % 1000 == 0 else f"{count:,}"
-        name = f"sidecar {label} rules"
-        slug = f"sidecar-{count}"
+        name = f"sidecar {label} rules" + (f", {workers} workers" if workers > 1 else "")
+        slug = f"sidecar-{count}" + (f"-w{workers}" if workers > 1 else "")
         port, admin = free_port(), free_port()
-        conf = sidecar_config(tmp, slug, port, admin, up_port, all_rules[:count], key)
+        conf = sidecar_config(
+            tmp, slug, port, admin, up_port, all_rules[:count], key, workers=workers
+        )
         cmd = [sys.executable, "-m", "sidecar", "run", "--config", str(conf)]
         server = start(Server(name, cmd, tmp / f"{slug}.out"))
         # One at a time, nothing else busy: start-up is timed from spawn to /healthz 200.
         startup = wait_http_ok(server, admin, "/healthz", 120)
         target = Target(name, port, server, True, admin, count, startup_s=startup)
+        target.workers = workers
         target.idle_rss_kib = proc_status_kib(server.pid, "VmRSS")
         target.metrics = sidecar_metrics(admin)
         print(f"{name}: up in {startup:.2f} s", flush=True)

@@ -8,7 +8,7 @@ import gc
 import logging
 import signal
 import ssl
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +33,18 @@ def _ssl_context(config: Config) -> ssl.SSLContext | None:
 
 
 async def serve(
-    config: Config, config_path: Path | None = None, *, with_admin: bool = True
+    config: Config,
+    config_path: Path | None = None,
+    *,
+    with_admin: bool = True,
+    started: Callable[[], None] | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then drain: /readyz turns unready, the listeners stop
     accepting, in-flight requests and WebSockets get up to ``listen.drain_timeout`` to
     finish. SIGHUP (and a changed ``config_path``) reloads the configuration.
 
-    ``with_admin=False`` is for worker processes: their supervisor serves the admin port.
+    ``with_admin=False`` is for worker processes: their supervisor serves the admin port;
+    ``started`` is called once the public listener accepts connections.
     """
     app = build_app(config)
     admin = build_admin_app(app)
@@ -66,6 +71,8 @@ async def serve(
     # 65-70 ms pauses per full collection without this, under load).
     gc.collect()
     gc.freeze()
+    if started is not None:
+        started()
     log.info(
         "sidecar started",
         extra=fields(

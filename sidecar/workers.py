@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
 from sidecar.config import Config
@@ -38,13 +39,13 @@ def prepare_metrics_dir() -> Path:
     return folder
 
 
-def _worker_main(config: Config, config_path: Path | None, index: int) -> None:
+def _worker_main(config: Config, config_path: Path | None, index: int, ready: EventType) -> None:
     from sidecar.server import run_until_stopped, serve
 
     # The supervisor handles Ctrl-C for the group; a worker drains on SIGTERM only.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    log.info("worker %d started (pid %d)", index, os.getpid())
-    run_until_stopped(serve(config, config_path, with_admin=False))
+    log.info("worker %d starting (pid %d)", index, os.getpid())
+    run_until_stopped(serve(config, config_path, with_admin=False, started=ready.set))
 
 
 async def _prepare_store(config: Config) -> None:
@@ -70,10 +71,14 @@ def run_workers(config: Config, config_path: Path | None, metrics_dir: Path) -> 
         log.error("store unavailable at start: %s", exc)
     context = multiprocessing.get_context("fork")
     workers: dict[int, BaseProcess] = {}
+    ready: dict[int, EventType] = {}
 
     def spawn(index: int) -> None:
+        ready[index] = context.Event()
         process = context.Process(
-            target=_worker_main, args=(config, config_path, index), name=f"sidecar-worker-{index}"
+            target=_worker_main,
+            args=(config, config_path, index, ready[index]),
+            name=f"sidecar-worker-{index}",
         )
         process.start()
         workers[index] = process
@@ -81,7 +86,7 @@ def run_workers(config: Config, config_path: Path | None, metrics_dir: Path) -> 
     for index in range(config.workers):
         spawn(index)
     try:
-        asyncio.run(_supervise(config, workers, spawn))
+        asyncio.run(_supervise(config, workers, ready, spawn))
     finally:
         for process in workers.values():
             if process.is_alive():
@@ -94,6 +99,7 @@ def run_workers(config: Config, config_path: Path | None, metrics_dir: Path) -> 
 async def _supervise(
     config: Config,
     workers: dict[int, BaseProcess],
+    ready: dict[int, EventType],
     spawn: Callable[[int], None],
 ) -> None:
     from aiohttp import web
@@ -128,16 +134,19 @@ async def _supervise(
     store = open_store(config.storage.url, config.storage.encryption_key)
     probe: dict[str, float | bool | str] = {"at": 0.0, "ok": False, "reason": ""}
 
+    def serving() -> int:
+        return sum(1 for i, p in workers.items() if p.is_alive() and ready[i].is_set())
+
     async def healthz(request: web.Request) -> web.Response:
-        alive = sum(1 for p in workers.values() if p.is_alive())
-        if alive < len(workers):
-            return web.Response(status=503, text=f"{alive}/{len(workers)} workers running\n")
+        count = serving()
+        if count < len(workers):
+            return web.Response(status=503, text=f"{count}/{len(workers)} workers serving\n")
         return web.Response(text="ok\n")
 
     async def readyz(request: web.Request) -> web.Response:
         if draining:
             return web.json_response({"ready": False, "reason": "draining"}, status=503)
-        if any(not p.is_alive() for p in workers.values()):
+        if serving() < len(workers):
             return web.json_response({"ready": False, "reason": "worker down"}, status=503)
         now = time.monotonic()
         if now - float(probe["at"]) >= 1.0:
