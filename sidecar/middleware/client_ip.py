@@ -14,22 +14,44 @@ from aiohttp.typedefs import Handler, Middleware
 
 from sidecar.decision import Decision
 from sidecar.live import LiveSettings
-from sidecar.net import Unresolved, parse_ip, resolve_client_ip
+from sidecar.net import IpAddress, Unresolved, parse_ip, resolve_client_ip
 from sidecar.state import CLIENT_IP, DECISION, PEER_TRUSTED, REASON
+
+_PEER_CACHE_SIZE = 4096
 
 
 def client_ip_middleware(*, live: LiveSettings) -> Middleware:
+    # Parsing an address costs microseconds and the same peers (a balancer, keep-alive
+    # clients) come back request after request: remember the last few thousand.
+    peers: dict[str, IpAddress | None] = {}
+
+    def parse_peer(remote: str | None) -> IpAddress | None:
+        if remote is None:
+            return None
+        try:
+            return peers[remote]
+        except KeyError:
+            if len(peers) >= _PEER_CACHE_SIZE:
+                peers.clear()
+            peers[remote] = parsed = parse_ip(remote)
+            return parsed
+
     @web.middleware
     async def client_ip(request: web.Request, handler: Handler) -> web.StreamResponse:
         policy = live.network
-        peer = parse_ip(request.remote) if request.remote else None
-        request[PEER_TRUSTED] = peer is not None and peer in policy.trusted_proxies
-        resolved = resolve_client_ip(
-            request.remote,
-            request.headers.getall(policy.client_ip_header.value, ()),
-            policy.trusted_proxies,
-            policy.client_ip_header,
-        )
+        peer = parse_peer(request.remote)
+        trusted = peer is not None and peer in policy.trusted_proxies
+        request[PEER_TRUSTED] = trusted
+        resolved: IpAddress | Unresolved
+        if peer is not None and not trusted:
+            resolved = peer  # an untrusted peer is the client, whatever its headers say
+        else:
+            resolved = resolve_client_ip(
+                request.remote,
+                request.headers.getall(policy.client_ip_header.value, ()),
+                policy.trusted_proxies,
+                policy.client_ip_header,
+            )
         if isinstance(resolved, Unresolved):
             request[CLIENT_IP] = None
             request[DECISION] = Decision.DENIED_IP
