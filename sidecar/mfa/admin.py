@@ -126,10 +126,10 @@ class AdminHandlers:
         now = self.service.now()
         admin_roles = {r.casefold() for r in self.config.identity.admin_roles}
         counts = {"users": 0, "enrolled": 0, "grace": 0, "blocked": 0, "not_required": 0}
+        enrolled = await self.service.store.enrolled_user_keys()
         for user in await self.service.store.list_users():
             counts["users"] += 1
-            state = await self.service.store.mfa_state(user.user_id)
-            if state.enrolled:
+            if user.user_id in enrolled:
                 counts["enrolled"] += 1
             elif not is_required(policy, (user.role or "").casefold() in admin_roles):
                 counts["not_required"] += 1

@@ -313,11 +313,11 @@ class MfaService:
         """Count known users: enrolled, required-in-grace, required-and-overdue."""
         counts = {"enrolled": 0, "grace": 0, "overdue": 0}
         starts = await self.store.grace_starts(epoch)
+        enrolled = await self.store.enrolled_user_keys()
         now = self.now()
         admin_roles = {r.casefold() for r in self.config.identity.admin_roles}
         for user in await self.store.list_users():
-            state = await self.store.mfa_state(user.user_id)
-            if state.enrolled:
+            if user.user_id in enrolled:
                 counts["enrolled"] += 1
                 continue
             privileged = (user.role or "").casefold() in admin_roles

@@ -137,6 +137,10 @@ class Store(Protocol):
 
     async def mfa_state(self, user_id: str) -> MfaState: ...
 
+    async def enrolled_user_keys(self) -> set[str]:
+        """Keys of every user with a TOTP or passkey method (one query, for gauges and the
+        Security page preview)."""
+
     async def bump_mfa_generation(self, user_id: str) -> int:
         """Invalidate verified sessions of the user (after a reset or method removal); returns
         the new generation. Works for any user id, recorded by ``touch_user`` or not."""

@@ -44,6 +44,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    union,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -370,6 +371,12 @@ class SqlStore:
             recovery_codes_left=int(codes),
             mfa_generation=int(generation or 0),
         )
+
+    async def enrolled_user_keys(self) -> set[str]:
+        t, p = schema.totp, schema.passkeys
+        query = union(select(t.c.user_key), select(p.c.user_key))
+        async with self._transaction(write=False) as conn:
+            return {row[0] for row in await conn.execute(query)}
 
     async def bump_mfa_generation(self, user_id: str) -> int:
         mfa = schema.user_mfa

@@ -185,6 +185,7 @@ CALLS: dict[str, Callable[[Store], Awaitable[object]]] = {
     "grace_started": lambda s: s.grace_started("a", 1, T0),
     "grace_starts": lambda s: s.grace_starts(1),
     "mfa_state": lambda s: s.mfa_state("a"),
+    "enrolled_user_keys": lambda s: s.enrolled_user_keys(),
     "bump_mfa_generation": lambda s: s.bump_mfa_generation("a"),
     "set_pending_totp": lambda s: s.set_pending_totp("a", "S", T0),
     "pending_totp": lambda s: s.pending_totp("a"),

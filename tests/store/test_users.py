@@ -99,6 +99,17 @@ async def test_mfa_state_counts_methods(store: SqlStore) -> None:
     assert (await store.mfa_state("erin")).totp
 
 
+async def test_enrolled_user_keys_lists_totp_and_passkey_users_once(store: SqlStore) -> None:
+    assert await store.enrolled_user_keys() == set()
+    await store.add_passkey(passkey("Gina", b"cred-g1"))
+    await store.add_passkey(passkey("gina", b"cred-g2"))
+    await store.set_pending_totp("hank", "JBSWY3DPEHPK3PXP", T0)
+    assert await store.enrolled_user_keys() == {"gina"}  # a pending secret is no method
+    assert await store.confirm_totp("hank", "JBSWY3DPEHPK3PXP", 100, T0)
+    await store.replace_recovery_codes("ivy", [b"h1"], T0)  # codes alone are no method
+    assert await store.enrolled_user_keys() == {"gina", "hank"}
+
+
 async def test_bump_mfa_generation(store: SqlStore) -> None:
     await store.touch_user("gina", email=None, role=None, now=T0)
     assert await store.bump_mfa_generation("Gina") == 1
