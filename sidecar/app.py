@@ -106,7 +106,7 @@ def build_app(
             gc.collect()
             gc.freeze()
 
-    settings = SettingsService(store, config, settings_changed)
+    settings = SettingsService(store, config, settings_changed, audit=audit)
     identity = IdentityRef(build_identity_provider(config))
     session_storage = RotatingCookieStorage(
         list(config.mfa.session.secret_keys),
@@ -171,6 +171,7 @@ def build_app(
         secure_listener=config.listen.tls is not None,
         session_cookie=config.mfa.session.cookie_name,
         identity_headers=identity_header_names(config),
+        prefix=config.mfa.path_prefix,
     )
     app[PROXY] = proxy
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
@@ -210,26 +211,35 @@ async def apply_config(app: web.Application, new: Config) -> list[str]:
     live = app[LIVE]
     old = live.config
     restart = [".".join(path) for path in RESTART_ONLY if _part(old, path) != _part(new, path)]
+    # First what can fail (a JWT key that does not fit, the store), so that a failed reload
+    # leaves everything as it was; then the swaps, which cannot fail.
+    provider = build_identity_provider(new) if new.identity != old.identity else None
+    settings = app[SETTINGS]
+    settings.reconfigure(new)
+    try:
+        await settings.load()  # managed_by config: writes the YAML's lists and policy
+    except BaseException:
+        settings.reconfigure(old)
+        if provider is not None:
+            await provider.close()
+        raise
     live.config = new
     app[MFA].config = new
     app[HANDLERS].reconfigure(new)
     app[PROXY].max_body_size = new.listen.max_body_size
     logging.getLogger().setLevel(new.logging.level.upper())
-    if new.identity != old.identity:
+    if provider is not None:
         ref = app[IDENTITY_PROVIDER]
         retired = ref.provider
-        ref.provider = build_identity_provider(new)
+        ref.provider = provider
 
         async def close_later() -> None:
-            await asyncio.sleep(30)
+            await asyncio.sleep(30)  # let requests that hold the old provider finish
             await retired.close()
 
         task = asyncio.get_running_loop().create_task(close_later())
         _background_tasks(app).add(task)
         task.add_done_callback(_background_tasks(app).discard)
-    settings = app[SETTINGS]
-    settings.reconfigure(new)
-    await settings.load()  # managed_by config: writes the YAML's lists and policy
     current = settings.current
     if current is not None and new.network != old.network:
         swap_network_policy(
@@ -263,6 +273,9 @@ async def _refresh_user_gauges(service: MfaService, settings: SettingsService) -
                 )
             except StoreUnavailable as exc:
                 logging.getLogger("sidecar").warning("user gauges not refreshed: %s", exc)
+            except Exception:
+                # Whatever went wrong this time, the gauges must keep being refreshed.
+                logging.getLogger("sidecar").exception("user gauges not refreshed")
         await asyncio.sleep(USER_GAUGES_SECONDS)
 
 

@@ -43,7 +43,7 @@ class AuditLog:
         )
         self.failures_total = Counter(
             "sidecar_audit_store_failures_total",
-            "Audit records that could not be written to the store (file only)",
+            "Audit records that could not be written to the store or to the audit file",
             registry=registry,
         )
 
@@ -94,9 +94,15 @@ class AuditLog:
                 else:
                     entry["seq"] = stored.seq
                     entry["hash"] = stored.hash
-            out = self._out()
-            out.write(json.dumps(entry, default=str, separators=(",", ":")) + "\n")
-            out.flush()
+            try:
+                out = self._out()
+                out.write(json.dumps(entry, default=str, separators=(",", ":")) + "\n")
+                out.flush()
+            except OSError as exc:
+                # The action itself is done (and in the store when it could be written):
+                # failing the request now would hide its result, e.g. recovery codes.
+                self.failures_total.inc()
+                log.error("audit record not written to %s: %s", self._path, exc)
         self.events_total.labels(action).inc()
 
     def close(self) -> None:

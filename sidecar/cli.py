@@ -78,7 +78,9 @@ def _cmd_keys_generate(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from sidecar.demo import run_demo
 
-    return run_demo(host=args.host, port=args.port, data_dir=args.data_dir)
+    return run_demo(
+        host=args.host, port=args.port, data_dir=args.data_dir, admin_port=args.admin_port
+    )
 
 
 def _run_store_command(config: Config, main: Coroutine[Any, Any, tuple[bool, str]]) -> int:
@@ -107,8 +109,12 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_users_reset_mfa(args: argparse.Namespace) -> int:
+    from sidecar.mfa.admin import valid_user_id
     from sidecar.operations import reset_mfa
 
+    if not valid_user_id(args.id):
+        print(f"sidecar users reset-mfa: {args.id!r} is not a user id", file=sys.stderr)
+        return EXIT_CONFIG
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
@@ -194,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run a demo console with the sidecar in front")
     demo.add_argument("--host", default="127.0.0.1", help="address to listen on")
     demo.add_argument("--port", type=int, default=8080, help="sidecar port (default 8080)")
+    demo.add_argument(
+        "--admin-port", type=int, default=9090, help="metrics and health port (default 9090)"
+    )
     demo.add_argument(
         "--data-dir", default="demo-data", help="folder for the demo's SQLite state and keys"
     )

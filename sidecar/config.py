@@ -73,6 +73,10 @@ def _conflict(message: str) -> PydanticCustomError:
     return PydanticCustomError("conflict", message)
 
 
+#: Ten years: longer durations are typos, and they overflow date arithmetic (timedelta).
+MAX_DURATION_SECONDS = 3650 * 86400.0
+
+
 def parse_duration(value: object) -> float:
     """``90s``, ``15m``, ``72h``, ``7d``, ``1h30m``, ``250ms`` or a number of seconds.
 
@@ -99,8 +103,8 @@ def parse_duration(value: object) -> float:
         raise _bad("is too long a duration") from None
     if math.isnan(seconds):
         raise _bad("is not a duration (use e.g. 90s, 15m, 72h, 7d)")
-    if math.isinf(seconds):
-        raise _bad("is too long a duration")
+    if math.isinf(seconds) or seconds > MAX_DURATION_SECONDS:
+        raise _bad("is too long a duration (at most 3650d)")
     if seconds < 0:
         raise _bad("must not be negative")
     return seconds
@@ -241,6 +245,10 @@ class Introspect(_Section):
     role_field: str = "role"
     cache_ttl: Duration = 30.0
     cache_size: Annotated[int, Field(ge=1)] = 10_000
+    # Names of the console's session cookies: only these are sent to the introspection
+    # endpoint and bind the sidecar's verification, so an unrelated cookie (analytics, a UI
+    # preference) changing does not end it. Empty: every cookie counts.
+    cookies: list[str] = []
     timeout: PositiveDuration = 5.0
 
     @field_validator("path")
@@ -371,6 +379,21 @@ class Storage(_Section):
 
 class Audit(_Section):
     file: str = "-"
+
+    @field_validator("file")
+    @classmethod
+    def _writable(cls, value: str) -> str:
+        # Checked here so that a typo fails `check-config` and start-up, not the first
+        # enrollment (whose record could then not be written).
+        if value == "-":
+            return value
+        path = Path(value)
+        target = path if path.exists() else path.parent
+        if not target.exists():
+            raise _bad(f"cannot be written: directory {str(path.parent)!r} does not exist")
+        if path.is_dir() or not os.access(target, os.W_OK):
+            raise _bad("cannot be written (a directory, or no write permission)")
+        return value
 
 
 class Logging(_Section):

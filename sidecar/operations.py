@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
@@ -17,7 +18,7 @@ from sidecar.config import Config, parse_duration
 from sidecar.mfa.admin import settings_json, validate_lines
 from sidecar.mfa.policy import MfaPolicy
 from sidecar.mfa.service import Actor, MfaMetrics, MfaService
-from sidecar.settings import SettingsService
+from sidecar.settings import SettingsService, settings_changes
 from sidecar.store import open_store
 from sidecar.store.base import Store, StoreUnavailable
 from sidecar.store.chain import verify_chain
@@ -35,11 +36,38 @@ async def _store(config: Config) -> AsyncIterator[Store]:
         await store.close()
 
 
+def _last_file_record(path: str) -> dict[str, object] | None:
+    """The last chained record the audit file holds (it has ``seq`` and ``hash``)."""
+    if path == "-" or not Path(path).is_file():
+        return None
+    last: dict[str, object] | None = None
+    with open(path, encoding="utf-8", errors="replace") as lines:
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "seq" in record and "hash" in record:
+                last = record
+    return last
+
+
 async def audit_verify(config: Config) -> tuple[bool, str]:
     async with _store(config) as store:
         entries = await store.all_audit_entries()
     broken = verify_chain(entries)
     if broken is None:
+        # The chain cannot show records cut off at its end; the file's copy can.
+        tail = _last_file_record(config.audit.file)
+        if tail is not None:
+            seq = tail["seq"]
+            stored = next((e for e in entries if e.seq == seq), None)
+            if stored is None or stored.hash != tail["hash"]:
+                return False, (
+                    f"audit chain BROKEN at its end: {config.audit.file} records seq {seq}, "
+                    f"which the store {'does not hold' if stored is None else 'holds changed'}"
+                    f" (the store ends at seq {entries[-1].seq if entries else 0})"
+                )
         last = entries[-1].hash[:16] if entries else "-"
         return True, f"audit chain intact: {len(entries)} records (last hash {last}...)"
     return False, (
@@ -123,8 +151,7 @@ async def security_set(
                 client_ip=None,
                 target="security",
                 version=saved.version,
-                old=settings_json(current, config.security.managed_by),
-                new=settings_json(saved, config.security.managed_by),
+                changes=settings_changes(current, saved),
             )
         finally:
             audit.close()

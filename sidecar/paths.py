@@ -9,7 +9,8 @@ decoded, §5.2.4: dot segments removed; repeated slashes collapsed, since many s
 form; every later stage and the upstream only ever see canonical paths.
 
 Separators that servers disagree about (``%2F``, ``%5C``, ``\\``, ``;`` path parameters that
-Java servers strip) are left as they are, but a path containing one is never exempt.
+Java servers strip) and ``%25`` (a second round of decoding, as some stacks do, would turn
+``%252e`` into ``.``) are left as they are, but a path containing one is never exempt.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 
 _UNRESERVED_ESCAPE = re.compile(r"%(2[dDeE]|3[0-9]|[46][1-9a-fA-F]|[57][0-9aA]|5[fF]|7[eE])")
 _MULTI_SLASH = re.compile(r"/{2,}")
-_AMBIGUOUS = re.compile(r"%2[fF]|%5[cC]|\\|;")
+_AMBIGUOUS = re.compile(r"%2[fF]|%5[cC]|%25|\\|;")
 
 
 def _decode_unreserved(match: re.Match[str]) -> str:

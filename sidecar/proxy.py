@@ -35,8 +35,9 @@ from yarl import URL
 
 from sidecar.config import Config
 from sidecar.decision import Decision
-from sidecar.identity.base import without_cookie
+from sidecar.identity.base import console_cookies
 from sidecar.metrics import Metrics
+from sidecar.paths import is_under
 from sidecar.state import CLIENT_IP, DECISION, PEER_TRUSTED, REASON, UPSTREAM_STATUS
 
 log = logging.getLogger("sidecar.proxy")
@@ -58,11 +59,43 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-# Forwarding headers the client may have written: replaced by the sidecar's own, never passed
-# on (a client must not be able to choose the address or host the console believes).
+# Forwarding headers the client may have written: replaced by the sidecar's own or dropped,
+# never passed on (a client must not choose the address, host, scheme or path the console
+# believes). Includes the look-alikes frameworks and CDNs read: X-Original-URL and
+# X-Rewrite-URL would let a Symfony/IIS console route to another path than the one judged.
 CLIENT_FORWARDING = frozenset(
-    {"forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip", "via"}
+    {
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-forwarded-server",
+        "x-forwarded-ssl",
+        "x-forwarded-scheme",
+        "x-real-ip",
+        "x-client-ip",
+        "x-cluster-client-ip",
+        "true-client-ip",
+        "cf-connecting-ip",
+        "fastly-client-ip",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-original-uri",
+        "via",
+    }
 )
+
+# Identity headers other servers believe (besides identity.headers and oauth2-proxy's):
+# removed from requests of untrusted peers like the configured ones.
+LOOKALIKE_IDENTITY = frozenset(
+    {"remote-user", "x-remote-user", "x-remote-email", "x-remote-groups", "x-user", "x-email"}
+)
+
+# A Connection header may name hop-by-hop fields; naming these would let a client make the
+# console see other credentials or another host than the sidecar judged.
+NEVER_HOP_BY_HOP = frozenset({"host", "cookie", "authorization"})
 
 # Generated afresh by aiohttp's WebSocket client for the upstream handshake.
 WEBSOCKET_HANDSHAKE = frozenset(
@@ -258,15 +291,26 @@ def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
 
 
 def end_to_end_headers(
-    headers: CIMultiDictProxy[str], extra_drop: frozenset[str] = frozenset()
+    headers: CIMultiDictProxy[str],
+    extra_drop: frozenset[str] = frozenset(),
+    *,
+    drop_underscored: bool = False,
 ) -> CIMultiDict[str]:
-    """Copy ``headers`` without hop-by-hop fields, those named in ``Connection``, and
-    ``extra_drop``; repeated fields (``Set-Cookie``) keep every line and their order."""
-    drop = _connection_tokens(headers)
+    """Copy ``headers`` without hop-by-hop fields, those named in ``Connection`` (never
+    Host, Cookie or Authorization), and ``extra_drop``; repeated fields (``Set-Cookie``)
+    keep every line and their order.
+
+    ``drop_underscored`` removes names containing ``_`` (as nginx does by default): CGI and
+    WSGI servers map ``X_Forwarded_User`` and ``X-Forwarded-User`` to the same variable, so
+    an underscore spelling would slip past every name-based filter.
+    """
+    drop = _connection_tokens(headers) - NEVER_HOP_BY_HOP
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lowered = name.lower()
         if lowered in HOP_BY_HOP or lowered in drop or lowered in extra_drop:
+            continue
+        if drop_underscored and "_" in name:
             continue
         out.add(name, value)
     return out
@@ -284,11 +328,12 @@ class Proxy:
         secure_listener: bool,
         session_cookie: str,
         identity_headers: frozenset[str],
+        prefix: str,
     ) -> None:
         self._transport = transport
         self._session_cookie = session_cookie
-        self._session_cookie_marker = session_cookie + "="
-        self._identity_headers = identity_headers
+        self._identity_headers = identity_headers | LOOKALIKE_IDENTITY
+        self._prefix = prefix
         self._metrics = metrics
         self.max_body_size = max_body_size
         self._scheme = "https" if secure_listener else "http"
@@ -298,12 +343,13 @@ class Proxy:
             # Identity headers are believed only from a trusted auth proxy; from anyone else
             # they are removed so the console cannot be fooled by them either.
             drop = drop | self._identity_headers
-        headers = end_to_end_headers(request.headers, drop)
+        headers = end_to_end_headers(request.headers, drop, drop_underscored=True)
         cookies = headers.getall("Cookie", ())
-        if any(self._session_cookie_marker in line for line in cookies):
-            # The sidecar's own session cookie is none of the console's business.
+        if cookies:
+            # Exactly the cookie line introspection judged (see console_cookies): without
+            # the sidecar's own cookie, and without pairs other parsers read differently.
             del headers["Cookie"]
-            for line in without_cookie(cookies, self._session_cookie):
+            for line in console_cookies(cookies, self._session_cookie):
                 headers.add("Cookie", line)
         client_ip = request.get(CLIENT_IP)
         # One trustworthy address: the client the pipeline resolved (entries left of it in
@@ -323,6 +369,11 @@ class Proxy:
         target = request.rel_url.raw_path_qs
         if not target.startswith("/"):
             return web.Response(status=400, text="bad request target\n")
+        if is_under(request.path, self._prefix):
+            # Decoded, this is a sidecar path ("/mfa%2F..%2Fadmin"): the router did not match
+            # it to a sidecar route, and the console may decode it the same way. Never
+            # forward anything below the prefix.
+            return web.Response(status=404, text="not found\n")
         if (
             request.method == "GET"
             and request.headers.get("Upgrade", "").lower() == "websocket"

@@ -67,7 +67,18 @@ class Reloader:
                 return False
             except StoreUnavailable as exc:
                 metrics.config_reloads_total.labels("failure").inc()
-                log.error("config reload could not reach the store: %s", exc)
+                log.error(
+                    "config reload could not reach the store, keeping the running config: %s",
+                    exc,
+                )
+                await audit.record(
+                    "config.reload",
+                    actor="operator",
+                    client_ip=None,
+                    outcome="failure",
+                    trigger=trigger,
+                    problems=[f"store unavailable: {exc}"],
+                )
                 return False
             metrics.config_reloads_total.labels("success").inc()
             if restart:

@@ -49,7 +49,13 @@ async def serve(
     app = build_app(config)
     admin = build_admin_app(app)
     runner = web.AppRunner(
-        app, access_log=None, handle_signals=False, shutdown_timeout=config.listen.drain_timeout
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=config.listen.drain_timeout,
+        # Request bodies are forwarded as sent: aiohttp would otherwise inflate a
+        # Content-Encoding: gzip body and forward plaintext under the compressed length.
+        auto_decompress=False,
     )
     admin_runner = web.AppRunner(admin, access_log=None, handle_signals=False)
     await runner.setup()

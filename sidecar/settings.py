@@ -21,6 +21,7 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from sidecar.audit import AuditLog
 from sidecar.config import Config, IpNetwork
 from sidecar.logs import fields
 from sidecar.mfa.policy import MfaPolicy, is_tightening
@@ -101,6 +102,19 @@ def next_settings(
     )
 
 
+def settings_changes(
+    old: SecuritySettings | None, new: SecuritySettings
+) -> dict[str, dict[str, object]]:
+    """What changed, field by field, as audit records show it (``{field: {old, new}}``)."""
+    fields_: list[tuple[str, object, object]] = [
+        ("mfa_policy", old and old.mfa_policy, new.mfa_policy),
+        ("grace_period_seconds", old and old.grace_period_seconds, new.grace_period_seconds),
+        ("ip_allowlist", old and list(old.ip_allowlist), list(new.ip_allowlist)),
+        ("ip_denylist", old and list(old.ip_denylist), list(new.ip_denylist)),
+    ]
+    return {name: {"old": a, "new": b} for name, a, b in fields_ if a != b}
+
+
 def _same_content(a: SecuritySettings, b: SecuritySettings) -> bool:
     return (
         a.mfa_policy == b.mfa_policy
@@ -121,8 +135,10 @@ class SettingsService:
         on_change: Callable[[SecuritySettings], None],
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        audit: AuditLog | None = None,
     ) -> None:
         self._store = store
+        self._audit = audit
         self._config = config
         self._on_change = on_change
         self._clock = clock
@@ -146,7 +162,7 @@ class SettingsService:
 
     async def load(self) -> None:
         """Load (seeding from YAML when needed); raises StoreUnavailable."""
-        stored = await self._store.settings()
+        stored = previous = await self._store.settings()
         now = self._clock()
         wanted = settings_from_config(self._config, now=now)
         if stored is None or (
@@ -170,6 +186,15 @@ class SettingsService:
                     "security settings written from config",
                     extra=fields(version=saved.version, managed_by=self.managed_by),
                 )
+                if self._audit is not None:
+                    await self._audit.record(
+                        "security.settings.changed",
+                        actor="config",
+                        client_ip=None,
+                        target="security",
+                        version=saved.version,
+                        changes=settings_changes(previous, saved),
+                    )
         if stored is not None:
             self._publish(stored)
         self.healthy = True

@@ -266,6 +266,8 @@ async def admin_reads_the_audit_log(tab: Tab) -> None:
     await shot(page, "08-audit-log")
 
     await page.get_by_label("Action").fill("security.settings.changed")
+    # The store was seeded from the YAML at start (actor "config"): bob's own changes only.
+    await page.get_by_label("Actor").fill("u-bob")
     await page.get_by_role("button", name="Filter").click()
     await expect(rows).to_have_count(2)
     await expect(action_cells).to_have_text(["security.settings.changed"] * 2)
@@ -276,7 +278,7 @@ async def admin_reads_the_audit_log(tab: Tab) -> None:
     await expect(details.nth(0)).to_contain_text("version: 3")
     await expect(details.nth(1)).to_contain_text('"mfa_policy":{"new":"all","old":"optional"}')
     await expect(details.nth(1)).to_contain_text("version: 2")
-    await expect(page).to_have_url(re.compile(r"\?action=security\.settings\.changed$"))
+    await expect(page).to_have_url(re.compile(r"\?action=security\.settings\.changed&actor=u-bob$"))
     await expect(page.locator("#audit-export-csv")).to_have_attribute(
         "href", re.compile(r"action=security\.settings\.changed")
     )

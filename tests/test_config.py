@@ -134,7 +134,7 @@ BAD_VALUES = [
     ),
     pytest.param(
         "security: {grace_period: .inf}",
-        "security.grace_period: inf is too long a duration",
+        "security.grace_period: inf is too long a duration (at most 3650d)",
         id="duration-infinite",
     ),
     pytest.param(
@@ -524,13 +524,11 @@ def test_parse_size_fails_only_with_its_own_error(text: str) -> None:
 def test_env_references_expand_inside_strings_and_lists(tmp_path: Path) -> None:
     path = write(
         tmp_path,
-        """\
-upstream: {url: "http://${CONSOLE_HOST}:${CONSOLE_PORT}"}
-mfa:
-  exempt_paths: ["${LOGOUT_PATH}", /static/]
-  session: {secret_keys: ["${NEW_KEY}", "${SIDECAR_SESSION_KEY}"]}
-audit: {file: "$HOME/not-a-reference.log"}
-""",
+        'upstream: {url: "http://${CONSOLE_HOST}:${CONSOLE_PORT}"}\n'
+        "mfa:\n"
+        '  exempt_paths: ["${LOGOUT_PATH}", /static/]\n'
+        '  session: {secret_keys: ["${NEW_KEY}", "${SIDECAR_SESSION_KEY}"]}\n'
+        f'audit: {{file: "{tmp_path}/$HOME-not-a-reference.log"}}\n',
     )
     new_key = Fernet.generate_key().decode()
     env = {
@@ -544,7 +542,7 @@ audit: {file: "$HOME/not-a-reference.log"}
     assert config.upstream.url == "http://console.internal:3000"
     assert config.mfa.exempt_paths == ["/signout", "/static/"]
     assert config.mfa.session.secret_keys == [new_key, SESSION_KEY]
-    assert config.audit.file == "$HOME/not-a-reference.log"
+    assert config.audit.file == f"{tmp_path}/$HOME-not-a-reference.log"
 
 
 def test_an_expanded_value_is_not_expanded_again(tmp_path: Path) -> None:
@@ -686,3 +684,12 @@ def test_the_example_has_a_comment_for_every_key() -> None:
         if re.match(r"\s*[a-z_]+:", line):
             above = lines[number - 1].strip() if number else ""
             assert "#" in line or above.startswith("#"), f"line {number + 1}: {line!r}"
+
+
+def test_an_unwritable_audit_file_is_a_config_error(tmp_path: Path) -> None:
+    path = write(tmp_path, f'audit: {{file: "{tmp_path}/missing-dir/audit.jsonl"}}\n')
+    with pytest.raises(ConfigError) as refused:
+        load_config(path, env=ENV)
+    (problem,) = refused.value.problems
+    assert problem.startswith("audit.file: '")
+    assert problem.endswith(f"cannot be written: directory '{tmp_path}/missing-dir' does not exist")

@@ -741,7 +741,7 @@ def test_systemd_unit_runs_and_reloads_the_sidecar() -> None:
     assert unit["StateDirectory"] == ["sidecar"]
     assert unit["ConfigurationDirectory"] == ["sidecar"]
     # SIGTERM drains for listen.drain_timeout: systemd must wait longer before killing.
-    default = make_config(Path("/nonexistent"), "http://127.0.0.1:1").listen.drain_timeout
+    default = make_config(Path("/tmp"), "http://127.0.0.1:1").listen.drain_timeout
     assert int(unit["TimeoutStopSec"][0]) > default
 
 

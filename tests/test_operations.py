@@ -288,3 +288,29 @@ async def test_tls_listener_serves_https_and_tells_the_upstream(
             async with session.get(url, ssl=False) as response:
                 assert response.status == 200
     assert seen == ["https"]
+
+
+@pytest.mark.slow
+async def test_a_compressed_request_body_is_forwarded_as_sent(
+    tmp_path: Path, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> None:
+    import gzip
+
+    received: list[tuple[str | None, bytes]] = []
+    upstream_app = web.Application()
+
+    async def upload(request: web.Request) -> web.Response:
+        received.append((request.headers.get("Content-Encoding"), await request.content.read()))
+        return web.Response(text="ok")
+
+    upstream_app.router.add_post("/upload", upload)
+    # The upstream must not inflate it either, to compare bytes.
+    upstream = await aiohttp_server(upstream_app, auto_decompress=False)
+    body = gzip.compress(b"payload " * 300)
+    with run_sidecar(tmp_path, f"http://127.0.0.1:{upstream.port}") as sidecar:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                sidecar.url + "/upload", data=body, headers={"Content-Encoding": "gzip"}
+            ) as response:
+                assert response.status == 200
+    assert received == [("gzip", body)]

@@ -124,6 +124,30 @@ async def test_upstream_sees_the_sidecars_forwarding_headers_not_the_clients(
     assert "X-Real-IP" not in seen
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "X_Forwarded_User",
+        "X-Forwarded_User",
+        "X-Original-URL",
+        "X-Rewrite-URL",
+        "X-Forwarded-Port",
+        "X-Forwarded-Prefix",
+        "True-Client-IP",
+        "CF-Connecting-IP",
+        "X-Remote-User",
+        "X-Forwarded-User",
+    ],
+)
+async def test_lookalike_forwarding_and_identity_headers_never_reach_the_console(
+    sidecar_for: SidecarFactory, name: str
+) -> None:
+    upstream = recording_upstream()
+    client = await sidecar_for(upstream)
+    await client.get("/static/app.css", headers={name: "/admin"})
+    assert name not in upstream[Seen][0]["headers"]
+
+
 async def raw_exchange(port: int, request: bytes, timeout: float = 5.0) -> bytes:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(request)

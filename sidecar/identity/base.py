@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+import re
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -171,22 +172,35 @@ def cookie_pairs(line: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def without_cookie(lines: Sequence[str], name: str | None) -> list[str]:
-    """The ``Cookie`` lines without the cookie ``name`` (and without blank lines).
+_COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 6265: a token
+# Whitespace or a comma inside a value is where cookie parsers disagree: Python's and
+# aiohttp's read "a=x b=y" as two cookies, a strict parser as one. Such pairs are dropped.
+_AMBIGUOUS_VALUE = re.compile(r"[\s,]")
 
-    Lines that do not carry ``name`` are kept byte for byte; a line left empty is dropped.
+
+def console_cookies(
+    lines: Sequence[str], own_cookie: str | None, only: Collection[str] | None = None
+) -> list[str]:
+    """The console's cookies as one normalised ``Cookie`` line (or none).
+
+    Security assumption: the identity the sidecar judges and the credentials the console
+    receives must be the same bytes. So both introspection and the proxy send this line:
+    well-formed ``name=value`` pairs in their original order, without the sidecar's own
+    cookie and without pairs that other parsers could read differently (a value with
+    whitespace or a comma, a name that is not a token). ``only`` keeps just the named
+    cookies (``identity.introspect.cookies``).
     """
-    out = []
+    kept = []
     for line in lines:
-        if not line.strip():
-            continue
-        parts = line.split(";")
-        kept = [p for p in parts if p.partition("=")[0].strip() != name]
-        if len(kept) == len(parts):
-            out.append(line)
-        elif any(p.strip() for p in kept):
-            out.append("; ".join(p.strip() for p in kept if p.strip()))
-    return out
+        for part in line.split(";"):
+            name, equals, value = part.partition("=")
+            name, value = name.strip(), value.strip()
+            if not equals or name == own_cookie or not _COOKIE_NAME.fullmatch(name):
+                continue
+            if _AMBIGUOUS_VALUE.search(value) or (only is not None and name not in only):
+                continue
+            kept.append(f"{name}={value}")
+    return ["; ".join(kept)] if kept else []
 
 
 def build_identity_provider(

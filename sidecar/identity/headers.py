@@ -29,8 +29,8 @@ from sidecar.identity.base import (
     IdentityUnavailable,
     bearer_token,
     choose_role,
+    console_cookies,
     credential_hash,
-    without_cookie,
 )
 
 # What oauth2-proxy can send besides the three configured ones (its --pass-user-headers,
@@ -113,7 +113,7 @@ class HeadersProvider:
             for group in line.split(",")
             if group.strip()
         ]
-        cookies = without_cookie(headers.getall("Cookie", ()), self._own_cookie)
+        cookies = console_cookies(headers.getall("Cookie", ()), self._own_cookie)
         authorizations = [line for line in headers.getall("Authorization", ()) if line.strip()]
         via_token = (
             not cookies

@@ -45,11 +45,11 @@ from sidecar.identity.base import (
     IdentityUnavailable,
     bearer_token,
     choose_role,
+    console_cookies,
     credential_hash,
     lookup_field,
     string_or_none,
     user_id_from,
-    without_cookie,
 )
 from sidecar.logs import fields
 
@@ -106,7 +106,9 @@ class IntrospectProvider:
         del peer_trusted  # the console judges credentials, whoever relays them
         if self._closed:
             raise IdentityUnavailable("identity provider is closed")
-        cookies = without_cookie(headers.getall("Cookie", ()), self._own_cookie)
+        cookies = console_cookies(
+            headers.getall("Cookie", ()), self._own_cookie, self._settings.cookies or None
+        )
         authorizations = [line for line in headers.getall("Authorization", ()) if line.strip()]
         if not cookies and not authorizations:
             return None

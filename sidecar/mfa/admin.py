@@ -21,14 +21,14 @@ from typing import Any, cast
 from aiohttp import web
 
 from sidecar.answers import json_error
-from sidecar.config import parse_cidr, parse_duration
+from sidecar.config import MAX_DURATION_SECONDS, parse_cidr, parse_duration
 from sidecar.decision import Decision
 from sidecar.identity.base import is_privileged
 from sidecar.mfa import pages, security_pages
 from sidecar.mfa.policy import MfaPolicy, is_required, is_tightening
 from sidecar.mfa.routes import Caller, Handlers, methods_json
 from sidecar.net import IpGate
-from sidecar.settings import networks
+from sidecar.settings import networks, settings_changes
 from sidecar.state import CLIENT_IP
 from sidecar.store.base import SecuritySettings, StoreUnavailable
 
@@ -186,9 +186,17 @@ class AdminHandlers:
                 errors.append(
                     {"field": "grace_period", "value": data["grace_period"], "reason": "bad"}
                 )
-        if isinstance(grace, bool) or not isinstance(grace, int | float) or grace < 0:
+        if (
+            isinstance(grace, bool)
+            or not isinstance(grace, int | float)
+            or not 0 <= grace <= MAX_DURATION_SECONDS  # also refuses NaN and infinity
+        ):
             errors.append(
-                {"field": "grace_period_seconds", "value": grace, "reason": "must be >= 0"}
+                {
+                    "field": "grace_period_seconds",
+                    "value": grace,
+                    "reason": f"must be a number of seconds from 0 to {MAX_DURATION_SECONDS:.0f}",
+                }
             )
             grace = 0.0
         allow, allow_errors = validate_lines(
@@ -239,16 +247,7 @@ class AdminHandlers:
                 "conflict",
                 "Someone else changed these settings since you loaded them. Reload and retry.",
             )
-        changes = {
-            name: {"old": old, "new": new}
-            for name, old, new in (
-                ("mfa_policy", current.mfa_policy, saved.mfa_policy),
-                ("grace_period_seconds", current.grace_period_seconds, saved.grace_period_seconds),
-                ("ip_allowlist", list(current.ip_allowlist), list(saved.ip_allowlist)),
-                ("ip_denylist", list(current.ip_denylist), list(saved.ip_denylist)),
-            )
-            if old != new
-        }
+        changes = settings_changes(current, saved)
         await self.service.audit.record(
             "security.settings.changed",
             actor=caller.actor.user,
@@ -270,6 +269,8 @@ class AdminHandlers:
             before = int(request.query["before"]) if "before" in request.query else None
         except ValueError:
             return json_error(400, "invalid", "limit and before must be integers")
+        if before is not None and not 0 < before < 2**62:
+            return json_error(400, "invalid", "before must be a record sequence number")
         try:
             entries = await self.service.store.audit_entries(
                 limit=max(limit, 1),
@@ -374,6 +375,8 @@ class AdminHandlers:
         if isinstance(caller, web.Response):
             return caller
         target = request.match_info["id"]
+        if not valid_user_id(target):
+            return json_error(400, "invalid", "That is not a user id.")
         try:
             removed = await self.service.reset(target, caller.actor)
         except StoreUnavailable:
@@ -381,6 +384,11 @@ class AdminHandlers:
         return web.json_response(
             {"user": target, "reset": removed}, headers={"Cache-Control": "no-store"}
         )
+
+
+def valid_user_id(text: str) -> bool:
+    """A user id as a console reports it: not blank, printable, of sane length."""
+    return bool(text.strip()) and len(text) <= 256 and text.isprintable()
 
 
 def _csv_safe(value: object) -> str:

@@ -186,7 +186,8 @@ class Handlers:
             return {}
         try:
             data = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError):
+            # RecursionError: "[[[[..." nested deeper than the JSON parser can follow.
             return json_error(400, "bad_request", "The request body is not valid JSON.")
         if not isinstance(data, dict):
             return json_error(400, "bad_request", "The request body must be a JSON object.")

@@ -20,6 +20,7 @@ import hmac
 import json
 import secrets
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from datetime import UTC, datetime, timedelta
@@ -993,6 +994,25 @@ def _strictest(rows: Sequence[Row[Any]], now: datetime) -> LockoutStatus:
     return LockoutStatus(locked_until=locked_until, failures=failures)
 
 
+def _enable_wal(cursor: Any) -> None:
+    """Switch a new database to WAL. The switch takes an exclusive lock without waiting on
+    the busy timeout, so processes opening a fresh file at once retry it briefly; WAL is
+    persistent, so a database already in WAL mode is left alone."""
+    cursor.execute("PRAGMA journal_mode")
+    row = cursor.fetchone()
+    if row is not None and str(row[0]).lower() == "wal":
+        return
+    deadline = time.monotonic() + _SQLITE_BUSY_TIMEOUT
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def _configure_sqlite(engine: AsyncEngine) -> None:
     """WAL (readers never block the writer), a busy timeout, foreign keys, and SQLAlchemy in
     charge of BEGIN so that write transactions can be ``BEGIN IMMEDIATE``."""
@@ -1005,7 +1025,7 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(f"PRAGMA busy_timeout = {int(_SQLITE_BUSY_TIMEOUT * 1000)}")
-            cursor.execute("PRAGMA journal_mode = WAL")
+            _enable_wal(cursor)
             cursor.execute("PRAGMA foreign_keys = ON")
         finally:
             cursor.close()

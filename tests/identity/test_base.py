@@ -10,11 +10,11 @@ from sidecar.identity import Identity, is_privileged
 from sidecar.identity.base import (
     bearer_token,
     choose_role,
+    console_cookies,
     cookie_pairs,
     credential_hash,
     lookup_field,
     user_id_from,
-    without_cookie,
 )
 
 ADMIN_ROLES = ("admin", "owner")
@@ -106,29 +106,44 @@ def test_bearer_token(value: str, expected: str | None) -> None:
     assert bearer_token(value) == expected
 
 
-WITHOUT = {
-    "untouched line kept byte for byte": (["a=1;b=2 "], ["a=1;b=2 "]),
-    "own cookie removed": (["a=1; sid=x; b=2"], ["a=1; b=2"]),
-    "line left empty is dropped": (["sid=x", "a=1"], ["a=1"]),
-    "all occurrences": (["sid=x; sid=y"], []),
-    "blank lines dropped": (["", "  "], []),
-    "similar names kept": (["sidx=1; xsid=2"], ["sidx=1; xsid=2"]),
+CONSOLE_COOKIES = {
+    "well-formed pairs joined in order": (["a=1;b=2 "], None, ["a=1; b=2"]),
+    "own cookie removed": (["a=1; sid=x; b=2"], None, ["a=1; b=2"]),
+    "several lines become one": (["sid=x", "a=1", "b=2"], None, ["a=1; b=2"]),
+    "all occurrences of our cookie": (["sid=x; sid=y"], None, []),
+    "blank lines dropped": (["", "  "], None, []),
+    "similar names kept": (["sidx=1; xsid=2"], None, ["sidx=1; xsid=2"]),
+    "space-separated pair dropped whole": (["sid =a console=alice"], None, []),
+    "value with a space dropped": (["theme=dark console=alice; a=1"], None, ["a=1"]),
+    "value with a comma dropped": (["theme=x,console=alice"], None, []),
+    "name that is not a token dropped": (["a b=1; c=2"], None, ["c=2"]),
+    "base64 padding kept": (["t=YWJj=="], None, ["t=YWJj=="]),
+    "only the named cookies": (["a=1; console=x; b=2"], ["console"], ["console=x"]),
+    "named cookie absent": (["a=1"], ["console"], []),
 }
 
 
-@pytest.mark.parametrize(("lines", "expected"), WITHOUT.values(), ids=WITHOUT.keys())
-def test_without_cookie(lines: list[str], expected: list[str]) -> None:
-    assert without_cookie(lines, "sid") == expected
+@pytest.mark.parametrize(
+    ("lines", "only", "expected"), CONSOLE_COOKIES.values(), ids=CONSOLE_COOKIES.keys()
+)
+def test_console_cookies(lines: list[str], only: list[str] | None, expected: list[str]) -> None:
+    assert console_cookies(lines, "sid", only) == expected
 
 
-cookie_text = st.text(alphabet=st.sampled_from("sid=; ab1\t"), max_size=30)
+cookie_text = st.text(alphabet=st.sampled_from("sid=; ab1\t,"), max_size=30)
 
 
 @given(st.lists(cookie_text, max_size=4))
-def test_without_cookie_never_leaves_the_cookie(lines: list[str]) -> None:
-    for line in without_cookie(lines, "sid"):
-        assert "sid" not in [name for name, _ in cookie_pairs(line)]
-        assert line.strip()
+def test_console_cookies_never_keep_ours_and_parse_the_same_everywhere(lines: list[str]) -> None:
+    from http.cookies import SimpleCookie
+
+    for line in console_cookies(lines, "sid"):
+        names = [name for name, _ in cookie_pairs(line)]
+        assert "sid" not in names
+        # A lenient parser reads exactly the pairs we judged.
+        lenient = SimpleCookie()
+        lenient.load(line)
+        assert sorted(lenient.keys()) == sorted(set(names))
 
 
 @given(

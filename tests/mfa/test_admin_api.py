@@ -255,3 +255,67 @@ async def test_security_page_gives_a_stepped_up_admin_the_org_settings(sidecar: 
     step_up = await fresh.get("/mfa/audit", allow_redirects=False)
     assert step_up.status == 303
     assert step_up.headers["Location"] == "/mfa/verify?next=/mfa/audit"
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"grace_period_seconds": float("inf")},
+        {"grace_period_seconds": 1e300},
+        {"grace_period": "9999999999999d"},
+        {"grace_period_seconds": -1},
+    ],
+)
+async def test_unusable_grace_periods_are_refused(
+    sidecar: Factory, changes: dict[str, Any]
+) -> None:
+    admin = await stepped_up_admin(sidecar)
+    version = (await get_settings(admin))["version"]
+    body = json.dumps({**changes, "version": version})  # allows Infinity, as a client may
+    response = await admin.put(
+        "/mfa/api/admin/security",
+        data=body,
+        headers={"X-CSRF-Token": await csrf(admin), "Content-Type": "application/json"},
+    )
+    assert response.status == 400
+    assert (await get_settings(admin))["version"] == version
+
+
+async def test_malformed_admin_input_is_a_4xx_never_a_500(sidecar: Factory) -> None:
+    admin = await stepped_up_admin(sidecar)
+    token = {"X-CSRF-Token": await csrf(admin), "Content-Type": "application/json"}
+    nested = await admin.put("/mfa/api/admin/security", data="[" * 100_000, headers=token)
+    assert nested.status == 400
+    for query in ("before=99999999999999999999999", "before=-1", "limit=x"):
+        assert (await admin.get(f"/mfa/api/admin/audit?{query}")).status == 400
+    code = await admin.post("/mfa/api/verify/totp", data="[" * 100_000, headers=token)
+    assert code.status == 400
+
+
+@pytest.mark.parametrize("target", ["%20", "%00", "a%0Ab"])
+async def test_reset_refuses_what_is_not_a_user_id(sidecar: Factory, target: str) -> None:
+    admin = await stepped_up_admin(sidecar)
+    response = await admin.post(
+        f"/mfa/api/admin/users/{target}/reset-mfa",
+        headers={"X-CSRF-Token": await csrf(admin)},
+    )
+    assert response.status == 400
+
+
+async def test_audit_verify_notices_records_cut_off_at_the_end(
+    sidecar: Factory, tmp_path: Path
+) -> None:
+    import sqlite3
+
+    await stepped_up_admin(sidecar)  # enrollment and verification write audit records
+    config = parse_config(raw_config(tmp_path, "http://127.0.0.1:1"), env={})
+    ok, message = await audit_verify(config)
+    assert ok, message
+    db = sqlite3.connect(tmp_path / "state.db")
+    last = db.execute("select max(seq) from audit").fetchone()[0]
+    db.execute("delete from audit where seq = ?", (last,))
+    db.commit()
+    db.close()
+    ok, message = await audit_verify(config)
+    assert not ok
+    assert f"seq {last}" in message

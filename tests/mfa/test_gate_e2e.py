@@ -355,3 +355,54 @@ async def test_store_unreachable_gives_503_and_recovers(
     assert (await response.json())["error"] == "store_unavailable"
     monkeypatch.undo()
     assert (await client.get("/", headers=XHR)).status == 403  # decided again: setup required
+
+
+async def test_an_encoded_slash_after_the_prefix_is_never_forwarded(
+    sidecar: Callable[..., Awaitable[Client]], console: TestServer
+) -> None:
+    client = await sidecar(**ALL_NO_GRACE)
+    login(client, "carol")
+    for target in ("/mfa%2F..%2Fsettings", "/mfa%2Fapi/status", "/mfa%2f"):
+        response = await client.get(URL(target, encoded=True), headers=HTML)
+        assert response.status in (303, 404), target
+    assert hits(console) == []
+
+
+@pytest.mark.parametrize(
+    "cookie",
+    [
+        "sidecar_session =a console=carol",
+        "theme=dark console=carol",
+        "theme=x,console=carol",
+        "theme=x\tconsole=carol",
+    ],
+)
+async def test_the_console_never_reads_a_cookie_the_sidecar_did_not_judge(
+    sidecar: Callable[..., Awaitable[Client]], console: TestServer, cookie: str
+) -> None:
+    client = await sidecar(**ALL_NO_GRACE)
+    response = await client.get("/settings", headers={"Cookie": cookie, **XHR})
+    # Judged anonymous (no well-formed console cookie), so forwarded without a decision:
+    # then the console must not see carol's cookie either.
+    assert response.status == 200
+    assert console.app[Cookies] == [None]
+
+
+async def test_connection_cannot_strip_the_credentials_the_sidecar_judged(
+    sidecar: Callable[..., Awaitable[Client]], console: TestServer
+) -> None:
+    client = await sidecar(**ALL_72H)
+    login(client, "carol")
+    await client.get("/settings", headers={**XHR, "Connection": "Cookie, Host, Authorization"})
+    assert console.app[Cookies] == ["console=carol"]
+
+
+async def test_an_unrelated_cookie_does_not_end_a_verification_when_cookies_are_named(
+    sidecar: Callable[..., Awaitable[Client]],
+) -> None:
+    client = await sidecar(**ALL_NO_GRACE, identity={"introspect": {"cookies": ["console"]}})
+    login(client, "carol")
+    await enroll_totp(client)
+    assert (await client.get("/settings", headers=XHR)).status == 200
+    client.session.cookie_jar.update_cookies({"theme": "dark"}, URL(str(client.make_url("/"))))
+    assert (await client.get("/settings", headers=XHR)).status == 200
