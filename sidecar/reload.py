@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from pathlib import Path
 
 from aiohttp import web
@@ -94,6 +95,7 @@ class Reloader:
                 client_ip=None,
                 trigger=trigger,
                 restart_needed=restart,
+                pid=os.getpid(),  # with workers: N, each worker reloads and records it
             )
             return True
 
