@@ -44,7 +44,7 @@ from sidecar.middleware.client_ip import client_ip_middleware
 from sidecar.middleware.identity import IdentityRef, identity_middleware
 from sidecar.middleware.ip_gate import ip_gate_middleware
 from sidecar.middleware.mfa_gate import mfa_gate_middleware
-from sidecar.middleware.request_log import request_log_middleware
+from sidecar.middleware.request_log import InFlight, request_log_middleware
 from sidecar.proxy import AiohttpUpstream, Proxy, UpstreamTransport
 from sidecar.settings import ParsedLists, SettingsService, networks
 from sidecar.store import open_store
@@ -63,6 +63,7 @@ IDENTITY_PROVIDER = web.AppKey("sidecar.identity_provider", IdentityRef)
 DRAINING = web.AppKey("sidecar.draining", asyncio.Event)
 HANDLERS = web.AppKey("sidecar.handlers", Handlers)
 PROXY = web.AppKey("sidecar.proxy", Proxy)
+IN_FLIGHT = web.AppKey("sidecar.in_flight", InFlight)
 BACKGROUND = web.AppKey("sidecar.background", set[asyncio.Task[None]])
 
 # The sidecar's own JSON API never needs large bodies; proxied bodies are streamed and
@@ -88,6 +89,8 @@ def build_app(
     mfa_metrics = MfaMetrics(metrics.registry)
     service = MfaService(store=store, config=config, audit=audit, metrics=mfa_metrics)
     app = web.Application(client_max_size=_OWN_ROUTES_MAX_BODY)
+    in_flight = InFlight()
+    app[IN_FLIGHT] = in_flight
 
     def settings_changed(settings: SecuritySettings) -> None:
         swap_network_policy(
@@ -116,7 +119,7 @@ def build_app(
     )
     app.middlewares.extend(
         [
-            request_log_middleware(metrics=metrics),
+            request_log_middleware(metrics=metrics, in_flight=in_flight),
             client_ip_middleware(live=live),
             ip_gate_middleware(live=live, audit=audit),
             canonical_path_middleware(),

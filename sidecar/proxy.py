@@ -109,6 +109,8 @@ WEBSOCKET_HANDSHAKE = frozenset(
 )
 
 VIA = "1.1 sidecar"
+UPSTREAM_MAX_FIELD = 64 * 1024
+UPSTREAM_MAX_HEADERS = 512
 
 
 class UpstreamError(Exception):
@@ -165,9 +167,18 @@ class _AiohttpResponse:
             async for chunk in self._response.content.iter_any():
                 yield chunk
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            raise UpstreamError("protocol", f"upstream body broke off: {exc}") from exc
+            raise UpstreamError("protocol", f"upstream body broke off: {_describe(exc)}") from exc
         except TimeoutError as exc:
             raise UpstreamError("timeout", "upstream body read timed out") from exc
+
+
+def _describe(exc: BaseException) -> str:
+    """An upstream failure for the log, without what aiohttp's messages can include: the
+    request URL (its query may carry tokens), request headers (cookies, authorization) and
+    raw bytes of the upstream's answer (a Set-Cookie line in a parser error)."""
+    if isinstance(exc, aiohttp.ClientOSError):
+        return f"{type(exc).__name__}: {exc.strerror or 'connection error'}"
+    return type(exc).__name__
 
 
 class AiohttpUpstream:
@@ -194,7 +205,13 @@ class AiohttpUpstream:
                 total=None, sock_connect=upstream.connect_timeout, sock_read=upstream.read_timeout
             ),
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            # Consoles send more and larger headers than aiohttp's client defaults (8 KiB,
+            # 128 lines) allow: many Set-Cookie lines, large CSP headers.
+            max_line_size=UPSTREAM_MAX_FIELD,
+            max_field_size=UPSTREAM_MAX_FIELD,
+            max_headers=UPSTREAM_MAX_HEADERS,
         )
+        self._max_message = config.listen.max_body_size
 
     def _url(self, target: str) -> URL:
         # target is a server-parsed origin-form path (always starting with "/"), appended to
@@ -223,7 +240,7 @@ class AiohttpUpstream:
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamError("connect", f"cannot connect to upstream: {exc.os_error}") from exc
         except aiohttp.ClientError as exc:
-            raise UpstreamError("protocol", f"upstream request failed: {exc!r}") from exc
+            raise UpstreamError("protocol", f"upstream request failed: {_describe(exc)}") from exc
         try:
             yield _AiohttpResponse(response.status, response.reason, response.headers, response)
         finally:
@@ -240,7 +257,7 @@ class AiohttpUpstream:
                 protocols=protocols,
                 autoping=False,
                 autoclose=False,
-                max_msg_size=0,
+                max_msg_size=self._max_message,
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0),
             )
         except aiohttp.WSServerHandshakeError as exc:
@@ -250,7 +267,7 @@ class AiohttpUpstream:
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamError("connect", f"cannot connect to upstream: {exc.os_error}") from exc
         except aiohttp.ClientError as exc:
-            raise UpstreamError("protocol", f"upstream WebSocket failed: {exc!r}") from exc
+            raise UpstreamError("protocol", f"upstream WebSocket failed: {_describe(exc)}") from exc
         try:
             yield ws
         finally:
@@ -337,6 +354,16 @@ class Proxy:
         self._metrics = metrics
         self.max_body_size = max_body_size
         self._scheme = "https" if secure_listener else "http"
+        #: Relayed WebSockets, so that a shutdown can close them properly (1001).
+        self.open_websockets: set[tuple[web.WebSocketResponse, aiohttp.ClientWebSocketResponse]]
+        self.open_websockets = set()
+
+    async def close_websockets(self, reason: bytes = b"server shutting down") -> None:
+        """Close every relayed WebSocket on both sides with 1001 (going away)."""
+        for downstream, upstream in list(self.open_websockets):
+            for side in (downstream, upstream):
+                with contextlib.suppress(ConnectionError, aiohttp.ClientError, RuntimeError):
+                    await side.close(code=1001, message=reason)
 
     def _upstream_headers(self, request: web.Request, drop: frozenset[str]) -> CIMultiDict[str]:
         if not request.get(PEER_TRUSTED, False):
@@ -396,15 +423,24 @@ class Proxy:
             return _too_large(request)
         headers = self._upstream_headers(request, CLIENT_FORWARDING)
         body: AsyncIterator[bytes] | None = None
-        too_large = False
+        too_large = client_gone = False
         if request.body_exists:
             if length is not None:
                 headers["Content-Length"] = str(length)
 
             async def stream_body() -> AsyncIterator[bytes]:
-                nonlocal too_large
+                nonlocal too_large, client_gone
                 received = 0
-                async for chunk in request.content.iter_any():
+                chunks = request.content.iter_any()
+                while True:
+                    try:
+                        chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        return
+                    except Exception:
+                        # The client went away mid-upload: not the upstream's failure.
+                        client_gone = True
+                        raise
                     received += len(chunk)
                     if received > self.max_body_size:
                         too_large = True
@@ -434,6 +470,9 @@ class Proxy:
                 await response.write_eof()
                 return response
         except UpstreamError as error:
+            if client_gone:
+                # Logged as 499 by the request log; no upstream error counted.
+                raise ConnectionResetError("client closed the connection mid-upload") from error
             if too_large and response is None:
                 return _too_large(request)
             if response is not None and response.prepared:
@@ -460,7 +499,12 @@ class Proxy:
                     max_msg_size=self.max_body_size,
                 )
                 await downstream.prepare(request)
-                await _pump_websockets(downstream, upstream)
+                pair = (downstream, upstream)
+                self.open_websockets.add(pair)
+                try:
+                    await _pump_websockets(downstream, upstream)
+                finally:
+                    self.open_websockets.discard(pair)
                 return downstream
         except UpstreamHandshakeRefused as refused:
             request[UPSTREAM_STATUS] = refused.status
@@ -506,7 +550,7 @@ async def _pump_websockets(
     """Relay frames both ways until either side closes; close codes and reasons, ping and
     pong payloads pass through unchanged."""
 
-    async def pump(source: WsSide, sink: WsSide) -> tuple[int, str]:
+    async def pump(source: WsSide, sink: WsSide, vanished: int) -> tuple[int, str]:
         while True:
             msg = await source.receive()
             if msg.type is WSMsgType.TEXT:
@@ -520,18 +564,24 @@ async def _pump_websockets(
             elif msg.type is WSMsgType.CLOSE:
                 return int(msg.data), msg.extra or ""
             else:  # CLOSING, CLOSED, ERROR: the source went away without a close frame
-                return 1011 if msg.type is WSMsgType.ERROR else 1001, ""
+                return 1011 if msg.type is WSMsgType.ERROR else vanished, ""
 
-    to_upstream = asyncio.ensure_future(pump(downstream, upstream))
-    to_downstream = asyncio.ensure_future(pump(upstream, downstream))
-    done, pending = await asyncio.wait(
-        (to_upstream, to_downstream), return_when=asyncio.FIRST_COMPLETED
-    )
-    for task in pending:
-        task.cancel()
-    for task in pending:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+    # A client that vanishes is "going away" (1001) to the console; a console that vanishes
+    # is a "bad gateway" (1014, RFC 6455 registry) to the client.
+    to_upstream = asyncio.ensure_future(pump(downstream, upstream, 1001))
+    to_downstream = asyncio.ensure_future(pump(upstream, downstream, 1014))
+    try:
+        done, _ = await asyncio.wait(
+            (to_upstream, to_downstream), return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        # Also when this handler is cancelled (shutdown): never leave a pump running.
+        for task in (to_upstream, to_downstream):
+            if not task.done():
+                task.cancel()
+        for task in (to_upstream, to_downstream):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
     first = done.pop()
     try:
         code, reason = first.result()

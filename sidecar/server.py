@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from sidecar import __version__
-from sidecar.app import DRAINING, build_admin_app, build_app
+from sidecar.app import DRAINING, IN_FLIGHT, PROXY, build_admin_app, build_app
 from sidecar.config import Config
 from sidecar.logs import fields
 from sidecar.reload import Reloader
@@ -52,7 +52,9 @@ async def serve(
         app,
         access_log=None,
         handle_signals=False,
-        shutdown_timeout=config.listen.drain_timeout,
+        # The drain itself is ours (see below); this is only the last grace for handlers
+        # still running after it.
+        shutdown_timeout=1.0,
         # Request bodies are forwarded as sent: aiohttp would otherwise inflate a
         # Content-Encoding: gzip body and forward plaintext under the compressed length.
         auto_decompress=False,
@@ -111,11 +113,29 @@ async def serve(
                 loop.remove_signal_handler(sig)
         if reloader is not None:
             await reloader.stop()
-        log.info("draining", extra=fields(timeout_s=config.listen.drain_timeout))
-        app[DRAINING].set()
+        await _drain(app, site, config.listen.drain_timeout)
         await runner.cleanup()
         await admin_runner.cleanup()
         log.info("sidecar stopped")
+
+
+async def _drain(app: web.Application, site: web.BaseSite, timeout: float) -> None:
+    """Graceful shutdown: /readyz unready, stop accepting, let in-flight requests and
+    WebSockets finish for up to ``timeout`` while their connections keep working (aiohttp's
+    own shutdown would discard incoming data at once, stalling uploads), then close the
+    WebSockets still open with 1001."""
+    log.info("draining", extra=fields(timeout_s=timeout))
+    app[DRAINING].set()
+    await site.stop()
+    in_flight = app[IN_FLIGHT]
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(in_flight.idle.wait(), timeout)
+    if in_flight.count > 0:
+        log.warning(
+            "drain timeout reached, closing what is left",
+            extra=fields(in_flight=in_flight.count),
+        )
+    await app[PROXY].close_websockets()
 
 
 def run_until_stopped(main: Coroutine[Any, Any, None]) -> None:

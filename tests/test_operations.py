@@ -314,3 +314,56 @@ async def test_a_compressed_request_body_is_forwarded_as_sent(
             ) as response:
                 assert response.status == 200
     assert received == [("gzip", body)]
+
+
+@pytest.mark.slow
+async def test_sigterm_drains_an_upload_and_closes_websockets_with_1001(
+    tmp_path: Path, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> None:
+    upstream_app = web.Application()
+    received: list[int] = []
+
+    async def upload(request: web.Request) -> web.Response:
+        received.append(len(await request.read()))
+        return web.Response(text="stored")
+
+    async def socket(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for _ in ws:
+            pass
+        return ws
+
+    upstream_app.router.add_post("/upload", upload)
+    upstream_app.router.add_get("/ws", socket)
+    upstream = await aiohttp_server(upstream_app)
+    with run_sidecar(
+        tmp_path, f"http://127.0.0.1:{upstream.port}", listen={"drain_timeout": "2s"}
+    ) as sidecar:
+        async with aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(sidecar.url.replace("http", "ws") + "/ws")
+            go_on = asyncio.Event()
+
+            async def slow_body() -> Any:
+                yield b"x" * 1000
+                await go_on.wait()
+                yield b"y" * 1000
+
+            upload_task = asyncio.ensure_future(
+                session.post(sidecar.url + "/upload", data=slow_body())
+            )
+            await asyncio.sleep(0.3)
+            started = time.monotonic()
+            sidecar.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            go_on.set()  # the upload goes on while the sidecar drains
+            uploaded = await upload_task
+            assert uploaded.status == 200
+            assert await uploaded.text() == "stored"
+            closing = await ws.receive(timeout=10)
+            assert closing.type is aiohttp.WSMsgType.CLOSE
+            assert closing.data == 1001
+            await ws.close()
+        assert await asyncio.to_thread(sidecar.proc.wait, 15) == 0
+        assert time.monotonic() - started < 6  # drain 2 s + the last grace, not twice that
+    assert received == [2000]

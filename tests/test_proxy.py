@@ -535,3 +535,39 @@ async def test_head_304_and_expect_continue_behave(sidecar_for: SidecarFactory) 
     )
     assert b"200 OK" in answer
     assert answer.endswith(b"hello")
+
+
+async def test_upstream_protocol_errors_never_log_credentials(
+    sidecar_for: SidecarFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        # Content-Length and Transfer-Encoding together: the client parser refuses it.
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n"
+            b"Set-Cookie: upstream=SECRET-FROM-UPSTREAM\r\n\r\nabc"
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(broken, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        client = await sidecar_for(f"http://127.0.0.1:{port}")
+        with caplog.at_level("INFO"):
+            # No cookie: the identity stage has nothing to ask; the proxy meets the error.
+            response = await client.get(
+                "/path?token=QUERY-SECRET", headers={"X-Api-Key": "HEADER-SECRET"}
+            )
+        assert response.status == 502
+    finally:
+        server.close()
+        await server.wait_closed()
+    logged = "\n".join(
+        f"{r.getMessage()} {getattr(r, 'fields', '')}"
+        for r in caplog.records
+        if r.name.startswith("sidecar")  # not the test server's own access log
+    )
+    assert "upstream" in logged
+    for secret in ("QUERY-SECRET", "HEADER-SECRET", "SECRET-FROM-UPSTREAM"):
+        assert secret not in logged, secret

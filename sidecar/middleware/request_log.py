@@ -21,11 +21,30 @@ from sidecar.state import CLIENT_IP, DECISION, LOG_PATH, REASON, UPSTREAM_STATUS
 log = logging.getLogger("sidecar.access")
 
 
-def request_log_middleware(*, metrics: Metrics) -> Middleware:
+class InFlight:
+    """How many requests are being handled right now (a graceful shutdown waits for 0)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self.idle.set()
+
+
+def request_log_middleware(*, metrics: Metrics, in_flight: InFlight) -> Middleware:
     @web.middleware
     async def request_log(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
         status = 500
+        in_flight.enter()
         try:
             response = await handler(request)
             status = response.status
@@ -47,6 +66,7 @@ def request_log_middleware(*, metrics: Metrics) -> Middleware:
             log.exception("unhandled error", extra=fields(path=request.path))
             return web.Response(status=500, text="internal error\n")
         finally:
+            in_flight.leave()
             elapsed = time.perf_counter() - started
             decision = request.get(DECISION, Decision.ALLOWED)
             metrics.request_done(decision, elapsed)
