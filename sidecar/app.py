@@ -33,6 +33,7 @@ from sidecar.config import Config
 from sidecar.identity.base import build_identity_provider
 from sidecar.identity.headers import identity_header_names
 from sidecar.live import LiveSettings, NetworkPolicy
+from sidecar.logs import configure_logging
 from sidecar.metrics import Metrics
 from sidecar.mfa.admin import add_admin_routes
 from sidecar.mfa.policy import MfaPolicy
@@ -184,7 +185,10 @@ def build_app(
 #: Settings read once at start: changing them in a reload needs a restart (reported, not
 #: applied). Everything else applies to the next request.
 RESTART_ONLY = (
-    ("listen",),
+    ("listen", "host"),
+    ("listen", "port"),
+    ("listen", "tls"),
+    ("listen", "drain_timeout"),
     ("admin",),
     ("workers",),
     ("upstream",),
@@ -230,7 +234,8 @@ async def apply_config(app: web.Application, new: Config) -> list[str]:
     app[MFA].config = new
     app[HANDLERS].reconfigure(new)
     app[PROXY].max_body_size = new.listen.max_body_size
-    logging.getLogger().setLevel(new.logging.level.upper())
+    if new.logging != old.logging:
+        configure_logging(new.logging.level, new.logging.format)
     if provider is not None:
         ref = app[IDENTITY_PROVIDER]
         retired = ref.provider

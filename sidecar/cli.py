@@ -165,8 +165,13 @@ def _cmd_ip_explain(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
+    from sidecar.operations import live_ip_lists
+
+    lists = asyncio.run(live_ip_lists(config))
     try:
-        report, ok = explain_ip(config, args.addr, via=args.via, header_lines=args.header or [])
+        report, ok = explain_ip(
+            config, args.addr, via=args.via, header_lines=args.header or [], lists=lists
+        )
     except ValueError as exc:
         print(f"sidecar ip explain: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -11,6 +11,7 @@ from sidecar.decision import Decision
 from sidecar.live import NetworkPolicy
 from sidecar.net import Unresolved, parse_ip, resolve_client_ip
 from sidecar.net.client_ip import ClientIpHeader
+from sidecar.settings import networks
 
 _HEADER_SPELLING = {
     ClientIpHeader.X_FORWARDED_FOR: "X-Forwarded-For",
@@ -27,13 +28,25 @@ def _synthesized_header(header: ClientIpHeader, addr: str) -> str:
 
 
 def explain_ip(
-    config: Config, addr: str, *, via: str | None, header_lines: list[str]
+    config: Config,
+    addr: str,
+    *,
+    via: str | None,
+    header_lines: list[str],
+    lists: tuple[list[str], list[str], str] | None = None,
 ) -> tuple[str, bool]:
     """A human-readable report and whether such a request would pass the IP stages.
 
     Raises ValueError for input that is not an address or header line (a usage error).
     """
-    policy = NetworkPolicy.build(config)
+    if lists is None:
+        policy = NetworkPolicy.build(config)
+        source = "the YAML"
+    else:
+        allow_lines, deny_lines, source = lists
+        policy = NetworkPolicy.build(
+            config, allowlist=networks(tuple(allow_lines)), denylist=networks(tuple(deny_lines))
+        )
     header = policy.client_ip_header
     name = _HEADER_SPELLING[header]
     lines: list[str] = []
@@ -72,6 +85,7 @@ def explain_ip(
         )
         return "\n".join(lines), False
     lines.append(f"client address: {resolved}")
+    lines.append(f"IP lists from {source}")
     if via is not None and values and parse_ip(addr) not in (None, resolved):
         lines.append(f"  (note: that is not {addr}, the address you asked about)")
     gate = policy.gate

@@ -6,9 +6,11 @@ Each change is audited with actor ``cli``; replicas pick settings changes up wit
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -18,7 +20,7 @@ from sidecar.config import Config, parse_duration
 from sidecar.mfa.admin import settings_json, validate_lines
 from sidecar.mfa.policy import MfaPolicy
 from sidecar.mfa.service import Actor, MfaMetrics, MfaService
-from sidecar.settings import SettingsService, settings_changes
+from sidecar.settings import SettingsService, settings_changes, settings_from_config
 from sidecar.store import open_store
 from sidecar.store.base import Store, StoreUnavailable
 from sidecar.store.chain import verify_chain
@@ -34,6 +36,9 @@ async def _store(config: Config) -> AsyncIterator[Store]:
         yield store
     finally:
         await store.close()
+        # aiosqlite answers its last call from its own thread; give that answer a moment
+        # to arrive before asyncio.run() closes the loop under it (CLI commands).
+        await asyncio.sleep(0.05)
 
 
 def _last_file_record(path: str) -> dict[str, object] | None:
@@ -87,19 +92,45 @@ async def reset_mfa(config: Config, user_id: str) -> str:
         finally:
             audit.close()
     return (
-        f"removed every MFA method of {user_id}; they will be asked to enroll again"
+        f"removed every MFA method of {user_id}; their verified sessions end, and they enroll "
+        "again when the MFA policy requires it of them"
         if removed
         else f"{user_id} had no MFA methods; nothing removed (recorded in the audit log)"
     )
 
 
 async def security_show(config: Config) -> str:
+    """The live settings, read-only (nothing is seeded or written)."""
     async with _store(config) as store:
-        settings = SettingsService(store, config, lambda _: None)
-        await settings.load()
-        if settings.current is None:
-            raise StoreUnavailable("no security settings in the store")
-        return json.dumps(settings_json(settings.current, config.security.managed_by), indent=2)
+        current = await store.settings()
+    if current is None:
+        current = settings_from_config(config, now=datetime.now(UTC))
+        note = "\n(not in the store yet: these are the YAML's values, seeded at first start)"
+    else:
+        note = ""
+    return json.dumps(settings_json(current, config.security.managed_by), indent=2) + note
+
+
+async def live_ip_lists(config: Config) -> tuple[list[str], list[str], str]:
+    """The IP lists the running sidecars enforce, and where they came from."""
+    yaml_lists = (
+        [str(n) for n in config.security.ip_allowlist],
+        [str(n) for n in config.security.ip_denylist],
+    )
+    if config.security.managed_by == "config":
+        return (*yaml_lists, "the YAML (security.managed_by: config)")
+    try:
+        async with _store(config) as store:
+            current = await store.settings()
+    except StoreUnavailable as exc:
+        return (*yaml_lists, f"the YAML: the store is unreachable ({exc}), live lists may differ")
+    if current is None:
+        return (*yaml_lists, "the YAML (not seeded into the store yet)")
+    return (
+        list(current.ip_allowlist),
+        list(current.ip_denylist),
+        f"the store (version {current.version}, edited on the Security page)",
+    )
 
 
 async def security_set(

@@ -383,7 +383,7 @@ class Proxy:
         # a forwarded chain are attacker-written and are not passed on).
         if client_ip is not None:
             headers["X-Forwarded-For"] = str(client_ip)
-        headers["X-Forwarded-Proto"] = self._scheme
+        headers["X-Forwarded-Proto"] = self._scheme_of(request)
         # The Host header line itself, never request.host: that follows an absolute-form
         # target (GET http://evil/ HTTP/1.1) which the client controls separately.
         host = request.headers.get("Host")
@@ -391,6 +391,17 @@ class Proxy:
             headers["X-Forwarded-Host"] = host
         headers["Via"] = VIA
         return headers
+
+    def _scheme_of(self, request: web.Request) -> str:
+        """The scheme the client used: ours, or, behind a trusted TLS-terminating proxy,
+        the one it reports (its own X-Forwarded-Proto entry, the rightmost)."""
+        if request.get(PEER_TRUSTED, False):
+            values = request.headers.getall("X-Forwarded-Proto", ())
+            if values:
+                reported = values[-1].rsplit(",", 1)[-1].strip().lower()
+                if reported in ("http", "https"):
+                    return reported
+        return self._scheme
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         target = request.rel_url.raw_path_qs

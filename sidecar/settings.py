@@ -139,6 +139,7 @@ class SettingsService:
     ) -> None:
         self._store = store
         self._audit = audit
+        self._yaml_seen: SecuritySettings | None = None
         self._config = config
         self._on_change = on_change
         self._clock = clock
@@ -195,6 +196,20 @@ class SettingsService:
                         version=saved.version,
                         changes=settings_changes(previous, saved),
                     )
+        elif (
+            stored is not None
+            and self._config.security.managed_by == "store"
+            and previous is not None
+            and not _same_content(stored, wanted)
+            and self._yaml_seen is not None
+            and not _same_content(self._yaml_seen, wanted)
+        ):
+            log.warning(
+                "the YAML's security section changed but security.managed_by is store: the "
+                "store keeps the live settings (edit them on the Security page or with "
+                "`sidecar security set`)"
+            )
+        self._yaml_seen = wanted
         if stored is not None:
             self._publish(stored)
         self.healthy = True
@@ -211,6 +226,9 @@ class SettingsService:
         while True:
             try:
                 if self.current is None:
+                    # Not loaded yet: the store may have been unreachable (or its schema
+                    # too new) at start, so migrations are retried here too.
+                    await self._store.migrate()
                     await self.load()
                 else:
                     await self.refresh()

@@ -24,7 +24,7 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
-from sidecar.config import Config
+from sidecar.config import Config, ConfigError, load_config
 
 log = logging.getLogger("sidecar.workers")
 
@@ -73,11 +73,20 @@ def run_workers(config: Config, config_path: Path | None, metrics_dir: Path) -> 
     workers: dict[int, BaseProcess] = {}
     ready: dict[int, EventType] = {}
 
+    latest = [config]
+
     def spawn(index: int) -> None:
+        # A worker started later (a restart after a crash) must run what the others run
+        # now: the file as last reloaded, not the config the supervisor started with.
+        if config_path is not None:
+            try:
+                latest[0] = load_config(config_path)
+            except ConfigError as exc:
+                log.error("config file invalid, the new worker keeps the last good one: %s", exc)
         ready[index] = context.Event()
         process = context.Process(
             target=_worker_main,
-            args=(config, config_path, index, ready[index]),
+            args=(latest[0], config_path, index, ready[index]),
             name=f"sidecar-worker-{index}",
         )
         process.start()

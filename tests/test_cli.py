@@ -392,3 +392,23 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert exited.value.code == 0
     assert capsys.readouterr().out.startswith("sidecar ")
+
+
+def test_ip_explain_judges_by_the_live_lists_in_the_store(
+    tmp_path: Path, secrets_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "live.yaml"
+    path.write_text(
+        f'storage: {{url: "sqlite:///{tmp_path}/state.db"}}\n'
+        f'audit: {{file: "{tmp_path}/audit.jsonl"}}\n'
+        "security: {ip_allowlist: [192.0.2.0/24]}\n",
+        encoding="utf-8",
+    )
+    assert main(["ip", "explain", "10.1.2.3", "--config", str(path)]) == 1
+    assert "not_allowlisted" in capsys.readouterr().out
+    assert main(["security", "set", "--config", str(path), "--clear-allowlist"]) == 0
+    capsys.readouterr()
+    assert main(["ip", "explain", "10.1.2.3", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "IP lists from the store" in out
+    assert "decision: allowed" in out

@@ -571,3 +571,22 @@ async def test_upstream_protocol_errors_never_log_credentials(
     assert "upstream" in logged
     for secret in ("QUERY-SECRET", "HEADER-SECRET", "SECRET-FROM-UPSTREAM"):
         assert secret not in logged, secret
+
+
+@pytest.mark.parametrize(
+    ("trusted", "sent", "expected"),
+    [
+        pytest.param(True, "https", "https", id="trusted TLS balancer says https"),
+        pytest.param(True, "http, https", "https", id="rightmost entry counts"),
+        pytest.param(True, "gopher", "http", id="nonsense ignored"),
+        pytest.param(False, "https", "http", id="untrusted client cannot claim https"),
+    ],
+)
+async def test_forwarded_proto_is_believed_only_from_trusted_proxies(
+    sidecar_for: SidecarFactory, trusted: bool, sent: str, expected: str
+) -> None:
+    upstream = recording_upstream()
+    network = {"trusted_proxies": ["127.0.0.0/8"]} if trusted else {}
+    client = await sidecar_for(upstream, network=network)
+    await client.get("/", headers={"X-Forwarded-Proto": sent, "X-Forwarded-For": "192.0.2.1"})
+    assert upstream[Seen][0]["headers"].getall("X-Forwarded-Proto") == [expected]

@@ -74,3 +74,25 @@ async def test_a_reload_under_managed_by_config_audits_old_and_new_values(
     assert changed["details"]["changes"]["mfa_policy"] == {"old": "optional", "new": "all"}
     assert changed["details"]["changes"]["ip_denylist"] == {"old": [], "new": ["192.0.2.0/24"]}
     assert len(client.app[LIVE].network.gate.denylist) == 1  # and enforced from now on
+
+
+async def test_a_store_unreachable_at_start_is_migrated_and_loaded_when_it_appears(
+    tmp_path: Path, aiohttp_client: Callable[..., Awaitable[Client]]
+) -> None:
+    import asyncio
+    import time
+
+    later = tmp_path / "later"
+    raw = raw_config(tmp_path, "http://127.0.0.1:1")
+    raw["storage"]["url"] = f"sqlite:///{later / 'state.db'}"
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    client = await aiohttp_client(build_app(load_config(path)))
+    refused = await client.get("/anything")
+    assert refused.status == 503  # fail closed: the IP lists were never loaded
+    later.mkdir()  # the volume appears
+    deadline = time.monotonic() + 8
+    while not client.app[LIVE].loaded:
+        assert time.monotonic() < deadline, "not recovered"
+        await asyncio.sleep(0.1)
+    assert (await client.get("/anything")).status == 502  # judged, then forwarded (no upstream)
