@@ -26,7 +26,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import WSMsgType, web
@@ -181,6 +181,26 @@ def _describe(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+class _StrictConnector(aiohttp.TCPConnector):
+    """A pool that never hands out a connection with unread bytes on it.
+
+    An upstream that sends something after a complete response (a stray second response,
+    say) would otherwise have those bytes read as the answer to the next request, which may
+    be another user's. nginx likewise drops such keep-alive connections. (Overrides
+    aiohttp's private ``_get``; covered by a test, aiohttp is pinned below 4.)
+    """
+
+    async def _get(self, key: Any, traces: Any) -> Any:
+        while True:
+            connection = await super()._get(key, traces)
+            if connection is None:
+                return None
+            protocol = connection.protocol
+            if protocol is None or not protocol.should_close:
+                return connection
+            connection.close()
+
+
 class AiohttpUpstream:
     """:class:`UpstreamTransport` over one aiohttp ``ClientSession``.
 
@@ -193,7 +213,7 @@ class AiohttpUpstream:
     def __init__(self, config: Config) -> None:
         upstream = config.upstream
         self._base = upstream.url
-        connector = aiohttp.TCPConnector(
+        connector = _StrictConnector(
             limit=upstream.max_connections, limit_per_host=0, ttl_dns_cache=10
         )
         self._session = aiohttp.ClientSession(

@@ -590,3 +590,39 @@ async def test_forwarded_proto_is_believed_only_from_trusted_proxies(
     client = await sidecar_for(upstream, network=network)
     await client.get("/", headers={"X-Forwarded-Proto": sent, "X-Forwarded-For": "192.0.2.1"})
     assert upstream[Seen][0]["headers"].getall("X-Forwarded-Proto") == [expected]
+
+
+async def test_a_stray_upstream_response_never_reaches_the_next_caller(
+    sidecar_for: SidecarFactory,
+) -> None:
+    async def misbehaving(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            if b"GET /first" in head:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
+                await writer.drain()
+                await asyncio.sleep(0.05)
+                # Unasked for: a second response on the same keep-alive connection.
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Stray: 1\r\n\r\nstray")
+                await writer.drain()
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(misbehaving, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        client = await sidecar_for(f"http://127.0.0.1:{port}")
+        first = await client.get("/first")
+        assert await first.read() == b"first"
+        await asyncio.sleep(0.2)
+        second = await client.get("/second")
+        assert "X-Stray" not in second.headers
+        assert await second.read() == b"second"
+    finally:
+        server.close()
+        await server.wait_closed()
