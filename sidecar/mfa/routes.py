@@ -29,6 +29,7 @@ from sidecar.mfa import pages
 from sidecar.mfa.passkeys import (
     AUTHENTICATE,
     REGISTER,
+    Begun,
     PasskeyError,
     Passkeys,
     credential_id_from,
@@ -275,6 +276,11 @@ class Handlers:
             return json_error(
                 400, "invalid_code", "That code didn't match. Check your app and try again."
             )
+        return await self._enrolled(request, caller, first=first)
+
+    async def _enrolled(self, request: web.Request, caller: Caller, *, first: bool) -> web.Response:
+        """After a method was added: recovery codes on the first enrollment only (shown
+        once), and a new, verified session."""
         codes = (
             await self.service.new_recovery_codes(caller.identity.user_id, caller.actor, first=True)
             if first
@@ -282,6 +288,13 @@ class Handlers:
         )
         return await self._verified_answer(
             request, caller, {"recovery_codes": codes, "verified": True}
+        )
+
+    def _ceremony(self, caller: Caller, purpose: str, begun: Begun) -> web.Response:
+        """Remember the challenge in the session and answer the options JSON."""
+        remember_challenge(caller.session, purpose, begun.challenge_id)
+        return web.Response(
+            text=begun.options_json, content_type="application/json", headers=_NO_STORE
         )
 
     async def _verified_answer(
@@ -389,10 +402,7 @@ class Handlers:
             session_id=session_id(caller.session),
             now=self.service.now(),
         )
-        remember_challenge(caller.session, REGISTER, begun.challenge_id)
-        return web.Response(
-            text=begun.options_json, content_type="application/json", headers=_NO_STORE
-        )
+        return self._ceremony(caller, REGISTER, begun)
 
     async def passkey_finish(self, request: web.Request) -> web.Response:
         caller = await self.writer(request)
@@ -427,14 +437,7 @@ class Handlers:
             name=record.name,
             aaguid=record.aaguid,
         )
-        codes = (
-            await self.service.new_recovery_codes(caller.identity.user_id, caller.actor, first=True)
-            if first
-            else None
-        )
-        return await self._verified_answer(
-            request, caller, {"recovery_codes": codes, "verified": True}
-        )
+        return await self._enrolled(request, caller, first=first)
 
     async def verify_passkey_begin(self, request: web.Request) -> web.Response:
         caller = await self.writer(request)
@@ -451,10 +454,7 @@ class Handlers:
             )
         except PasskeyError as exc:
             return json_error(409, "no_passkeys", str(exc))
-        remember_challenge(caller.session, AUTHENTICATE, begun.challenge_id)
-        return web.Response(
-            text=begun.options_json, content_type="application/json", headers=_NO_STORE
-        )
+        return self._ceremony(caller, AUTHENTICATE, begun)
 
     async def verify_passkey_finish(self, request: web.Request) -> web.Response:
         caller = await self.writer(request)
