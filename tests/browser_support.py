@@ -74,8 +74,11 @@ class Stack:
 
 
 @asynccontextmanager
-async def running_stack(tmp_path: Path, **sections: Any) -> AsyncIterator[Stack]:
-    """Serve the demo console and a sidecar (policy ``all``, no grace) on loopback ports."""
+async def running_stack(
+    tmp_path: Path, *, security: dict[str, Any] | None = None, **sections: Any
+) -> AsyncIterator[Stack]:
+    """Serve the demo console and a sidecar on loopback ports; ``security`` defaults to
+    policy ``all`` with no grace period."""
     console_sock = _listening_socket()
     sidecar_sock = _listening_socket()
     port = sidecar_sock.getsockname()[1]
@@ -84,7 +87,7 @@ async def running_stack(tmp_path: Path, **sections: Any) -> AsyncIterator[Stack]
     config = make_config(
         tmp_path,
         console_url,
-        security={"mfa_policy": "all", "grace_period": "0s"},
+        security=security or {"mfa_policy": "all", "grace_period": "0s"},
         mfa={"rp_id": "localhost", "origin": base, "session": {"secure": False}},
         **sections,
     )

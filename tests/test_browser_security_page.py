@@ -21,27 +21,21 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from aiohttp import web
 from playwright.async_api import Browser, Page, async_playwright, expect
 
-from sidecar.app import build_app
-from sidecar.demo_console import build_demo_console
 from tests.browser_support import (
     CHROMIUM,
     CHROMIUM_ARGS,
     Stack,
     Tab,
-    _listening_socket,
-    _serve,
     console_login,
     open_tab,
+    running_stack,
 )
-from tests.conftest import make_config
 
 pytestmark = [
     pytest.mark.browser,
@@ -60,32 +54,6 @@ OWN_ADDRESS = "127.0.0.1"
 GOOD_DENYLIST = "198.51.100.0/24\n10.0.0.0/24"
 
 
-@asynccontextmanager
-async def optional_policy_stack(tmp_path: Path) -> AsyncIterator[Stack]:
-    """The demo console and a sidecar with org policy ``optional`` and no grace period, so a
-    policy tightened on the Security page applies at once (it starts a new epoch)."""
-    console_sock = _listening_socket()
-    sidecar_sock = _listening_socket()
-    base = f"http://localhost:{sidecar_sock.getsockname()[1]}"
-    console_url = f"http://127.0.0.1:{console_sock.getsockname()[1]}"
-    config = make_config(
-        tmp_path,
-        console_url,
-        security={"mfa_policy": "optional", "grace_period": "0s"},
-        mfa={"rp_id": "localhost", "origin": base, "session": {"secure": False}},
-    )
-    runners: list[web.AppRunner] = []
-    try:
-        runners.append(await _serve(build_demo_console(), console_sock))
-        runners.append(await _serve(build_app(config), sidecar_sock))
-        yield Stack(base=base, console_url=console_url)
-    finally:
-        for runner in reversed(runners):
-            await runner.cleanup()
-        console_sock.close()
-        sidecar_sock.close()
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def browser() -> AsyncIterator[Browser]:
     async with async_playwright() as playwright:
@@ -100,7 +68,11 @@ async def browser() -> AsyncIterator[Browser]:
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
-    async with optional_policy_stack(tmp_path) as running:
+    # Policy optional and no grace period, so a policy tightened on the Security page
+    # applies at once (it starts a new epoch).
+    async with running_stack(
+        tmp_path, security={"mfa_policy": "optional", "grace_period": "0s"}
+    ) as running:
         yield running
 
 
