@@ -59,3 +59,7 @@ def configure_logging(level: str, fmt: str) -> None:
     root.setLevel(level.upper())
     # aiohttp's own access log would duplicate ours.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # aiohttp warns on every relayed WebSocket whose client offered subprotocols the console
+    # did not pick; for a proxy that is normal (the client then gets none, as it would
+    # directly).
+    logging.getLogger("aiohttp.websocket").setLevel(logging.ERROR)
