@@ -51,7 +51,6 @@ from sidecar.settings import ParsedLists, SettingsService, networks
 from sidecar.store import open_store
 from sidecar.store.base import SecuritySettings, Store, StoreUnavailable
 
-CONFIG = web.AppKey("sidecar.config", Config)
 METRICS = web.AppKey("sidecar.metrics", Metrics)
 LIVE = web.AppKey("sidecar.live", LiveSettings)
 AUDIT = web.AppKey("sidecar.audit", AuditLog)
@@ -129,7 +128,6 @@ def build_app(
             mfa_gate_middleware(live=live, settings=settings, service=service),
         ]
     )
-    app[CONFIG] = config
     app[METRICS] = metrics
     app[LIVE] = live
     app[AUDIT] = audit
