@@ -143,19 +143,19 @@ def render_setup(
     if required and not enrolled:
         if grace_deadline is None:
             text = f"Your organization requires MFA. Set it up to continue to {app}."
-            notice = _notice("warning", text)
+            notice = _notice("warning", text, element_id="setup-requirement")
         elif blocked:
             text = (
                 f"Your organization requires MFA. The deadline passed on "
                 f"{_time(grace_deadline)}: access to {app} is blocked until you set it up."
             )
-            notice = _notice("error", text)
+            notice = _notice("error", text, element_id="setup-requirement")
         else:
             text = (
                 f"Your organization requires MFA. Set it up before {_time(grace_deadline)} "
                 f"({_e(format_relative(grace_deadline, now))})."
             )
-            notice = _notice("warning", text)
+            notice = _notice("warning", text, element_id="setup-requirement")
 
     if enrolled:
         intro = f"Add another way to confirm it's you when you sign in to {app}."
@@ -455,9 +455,10 @@ def _page_head(ctx: PageContext, title: str) -> str:
 </header>"""
 
 
-def _notice(kind: str, html_text: str) -> str:
+def _notice(kind: str, html_text: str, *, element_id: str | None = None) -> str:
     """A notice box; ``html_text`` is already escaped markup."""
-    return f'<p class="notice notice-{kind}">{html_text}</p>'
+    id_attr = f' id="{element_id}"' if element_id else ""
+    return f'<p class="notice notice-{kind}"{id_attr}>{html_text}</p>'
 
 
 def _time(moment: datetime) -> str:

@@ -178,7 +178,8 @@
         goNext();
         return;
       }
-      for (const id of ["passkey-section", "totp-section", "setup-footer"]) {
+      // Enrolled now: the "MFA is required / access is blocked" notice no longer applies.
+      for (const id of ["passkey-section", "totp-section", "setup-footer", "setup-requirement"]) {
         if (byId(id)) byId(id).hidden = true;
       }
       byId("recovery-codes").replaceChildren(...codes.map((code) => {
