@@ -785,6 +785,17 @@ class SqlStore:
                     .returning(*lockout.c)
                 )
                 rows.append((await conn.execute(stmt)).one())
+        # Rows whose window and ban are both over count for nothing (an upsert starts
+        # afresh on them): prune them, in a transaction of their own (no lock interleaving
+        # with the upserts), so the table does not grow with every address that ever
+        # failed once.
+        async with self._transaction(write=True) as conn:
+            await conn.execute(
+                delete(lockout).where(
+                    lockout.c.window_end <= now,
+                    or_(lockout.c.locked_until.is_(None), lockout.c.locked_until <= now),
+                )
+            )
         return _strictest(rows, now)
 
     async def clear_failures(self, keys: list[str]) -> None:

@@ -114,3 +114,26 @@ async def test_concurrent_failures_on_two_replicas_all_count(
     # Set by whichever failure landed fifth, and not moved by the later ones.
     assert status.locked_until is not None
     assert at(BAN) <= status.locked_until <= at(11 + BAN)
+
+
+async def test_rows_whose_window_and_ban_are_over_are_pruned(store: SqlStore) -> None:
+    from sqlalchemy import func, select
+
+    from sidecar.store import schema
+
+    async def keys() -> int:
+        async with store.engine.connect() as conn:
+            count = (await conn.execute(select(func.count()).select_from(schema.lockout))).scalar()
+        return int(count or 0)
+
+    for n in range(3):
+        await fail(store, [f"ip:198.51.100.{n}"], at(0))  # one-off failures
+    for _ in range(MAX):  # banned for longer than the window
+        await store.record_failure(
+            [USER], now=at(0), window_seconds=WINDOW, max_failures=MAX, ban_seconds=WINDOW * 3
+        )
+    assert await keys() == 4
+    # After the window: the one-off rows are gone; the ban (and its row) stays.
+    await fail(store, [IP], at(WINDOW + 1))
+    assert await keys() == 2
+    assert (await store.lockout_status([USER], at(WINDOW + 1))).locked_until == at(WINDOW * 3)
