@@ -23,7 +23,7 @@ from sidecar.audit import AuditLog
 from sidecar.config import Config
 from sidecar.mfa import recovery, totp
 from sidecar.mfa.policy import MfaPolicy, is_required
-from sidecar.store.base import LockoutStatus, MfaState, Store, user_key
+from sidecar.store.base import LockoutStatus, MfaState, Store, StoreUnavailable, user_key
 
 log = logging.getLogger("sidecar.mfa")
 
@@ -150,7 +150,13 @@ class MfaService:
         last = self._touched.get(key)
         if last is not None and now - last < TOUCH_EVERY:
             return
-        await self.store.touch_user(user_id, email=email, role=role, now=self.now())
+        try:
+            await self.store.touch_user(user_id, email=email, role=role, now=self.now())
+        except StoreUnavailable as exc:
+            # Bookkeeping only (the Security page preview, the gauges): never a reason to
+            # refuse a request that could otherwise be decided. Tried again next time.
+            log.warning("could not record the user as seen: %s", exc)
+            return
         self._touched.put(key, now)
 
     # --- lockout ---------------------------------------------------------------------------
