@@ -214,6 +214,9 @@ class Upstream(_Section):
     connect_timeout: PositiveDuration = 5.0
     read_timeout: PositiveDuration = 60.0
     max_connections: Annotated[int, Field(ge=1, le=100_000)] = 100
+    # How long an idle pooled connection is kept; keep it below the console's own idle
+    # timeout, or a request may meet a connection the console is just closing.
+    keepalive_timeout: Duration = 15.0
 
     @field_validator("url")
     @classmethod

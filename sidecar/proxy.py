@@ -214,7 +214,10 @@ class AiohttpUpstream:
         upstream = config.upstream
         self._base = upstream.url
         connector = _StrictConnector(
-            limit=upstream.max_connections, limit_per_host=0, ttl_dns_cache=10
+            limit=upstream.max_connections,
+            limit_per_host=0,
+            ttl_dns_cache=10,
+            keepalive_timeout=upstream.keepalive_timeout,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
