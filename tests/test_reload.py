@@ -83,6 +83,7 @@ async def test_a_store_unreachable_at_start_is_migrated_and_loaded_when_it_appea
     import time
 
     later = tmp_path / "later"
+    later.write_text("a file where the volume's folder should be")
     raw = raw_config(tmp_path, "http://127.0.0.1:1")
     raw["storage"]["url"] = f"sqlite:///{later / 'state.db'}"
     path = tmp_path / "sidecar.yaml"
@@ -90,6 +91,7 @@ async def test_a_store_unreachable_at_start_is_migrated_and_loaded_when_it_appea
     client = await aiohttp_client(build_app(load_config(path)))
     refused = await client.get("/anything")
     assert refused.status == 503  # fail closed: the IP lists were never loaded
+    later.unlink()
     later.mkdir()  # the volume appears
     deadline = time.monotonic() + 8
     while not client.app[LIVE].loaded:

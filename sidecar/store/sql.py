@@ -22,8 +22,9 @@ import secrets
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext, suppress
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -161,6 +162,7 @@ class SqlStore:
         # Serializes this process's SQLite writers so they queue here instead of polling the
         # file lock; other processes are kept out by BEGIN IMMEDIATE.
         self._sqlite_write_lock: asyncio.Lock | None = None
+        self._sqlite_file: Path | None = None
         if self._postgres:
             server_settings = {"application_name": "sidecar"}
             if schema is not None:
@@ -185,6 +187,8 @@ class SqlStore:
             )
             _configure_sqlite(self.engine)
             self._write_engine = self.engine.execution_options(sqlite_begin="IMMEDIATE")
+            if target.database and target.database != ":memory:":
+                self._sqlite_file = Path(target.database)
             self._sqlite_write_lock = asyncio.Lock()
 
     # plumbing ---------------------------------------------------------------------------
@@ -240,6 +244,11 @@ class SqlStore:
     # lifecycle --------------------------------------------------------------------------
 
     async def migrate(self) -> None:
+        if self._sqlite_file is not None:
+            # The embedded default (/var/lib/sidecar/state.db) should work out of the box:
+            # create the folder. When that fails, the connect below reports why.
+            with suppress(OSError):
+                self._sqlite_file.parent.mkdir(parents=True, exist_ok=True)
         async with self._transaction(write=True) as conn:
             await self._pg_lock(conn, _LOCK_MIGRATE)
             await conn.run_sync(lambda sync: schema.schema_version.create(sync, checkfirst=True))

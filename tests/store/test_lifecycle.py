@@ -239,14 +239,25 @@ async def test_a_refused_connection_is_store_unavailable(method: str) -> None:
         await store.close()
 
 
-async def test_a_missing_sqlite_directory_is_store_unavailable_until_it_exists(
+async def test_a_missing_sqlite_directory_is_created(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'var' / 'lib' / 'state.db'}", KEY)
+    try:
+        await store.migrate()
+        assert (tmp_path / "var" / "lib" / "state.db").is_file()
+    finally:
+        await store.close()
+
+
+async def test_an_unusable_sqlite_directory_is_store_unavailable_until_it_works(
     tmp_path: Path,
 ) -> None:
     directory = tmp_path / "not-yet"
+    directory.write_text("a file where the folder should be")
     store = open_store(f"sqlite:///{directory / 'state.db'}", KEY)
     try:
         with pytest.raises(StoreUnavailable, match="OperationalError"):
             await store.migrate()
+        directory.unlink()
         directory.mkdir()
         await store.migrate()  # recovers without a restart
         assert await store.recovery_codes_left("a") == 0
