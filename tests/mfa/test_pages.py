@@ -41,6 +41,7 @@ from sidecar.mfa.pages import (
     render_verify,
     static_file,
 )
+from tests.mfa.page_stub import PageServing
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 EVIL_USER = '<script>alert("u")</script>'
@@ -506,13 +507,12 @@ def test_script_parses() -> None:
 # --- in a real browser ---------------------------------------------------------------------
 
 CHROMIUM = Path("/usr/bin/chromium")
-CSP = "default-src 'self'; img-src 'self' data:; style-src 'self'"
 RP_ID = "localhost"
 RECOVERY_CODES = [f"AAAAA-{n:05d}" for n in range(10)]
 
 
 @dataclass
-class StubApi:
+class StubApi(PageServing):
     """The JSON API as the lead specifies it, backed by real pyotp and py_webauthn."""
 
     origin: str = ""
@@ -533,28 +533,6 @@ class StubApi:
         app.router.add_get("/favicon.ico", self.page(lambda: ""))
         app.router.add_post("/mfa/api/{action:.+}", self.api)
         return app
-
-    @web.middleware
-    async def csp(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        response = await handler(request)
-        response.headers["Content-Security-Policy"] = CSP
-        return response
-
-    @staticmethod
-    def page(make: Callable[[], str]) -> Callable[[web.Request], Awaitable[web.Response]]:
-        async def handler(request: web.Request) -> web.Response:
-            return web.Response(text=make(), content_type="text/html")
-
-        return handler
-
-    async def static(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        body = static_file(name)
-        if body is None:
-            raise web.HTTPNotFound()
-        return web.Response(body=body, headers={"Content-Type": pages.STATIC_FILES[name]})
 
     async def api(self, request: web.Request) -> web.Response:
         action = request.match_info["action"]

@@ -32,10 +32,10 @@ from sidecar.mfa.security_pages import (
     render_audit,
     render_security,
 )
+from tests.mfa.page_stub import PageServing
 
 STATIC_DIR = Path(pages.__file__).parent / "static"
 EVIL = '<script>alert("x")</script>'
-CSP = "default-src 'self'; img-src 'self' data:; style-src 'self'"
 CHROMIUM = Path("/usr/bin/chromium")
 
 METHODS: dict[str, Any] = {
@@ -454,7 +454,7 @@ Answer = tuple[int, dict[str, Any]]
 
 
 @dataclass
-class StubApi:
+class StubApi(PageServing):
     """The admin and personal JSON API, scripted: ``answers["PUT admin/security"]`` holds the
     answers to give, in order; with none left, a plausible success."""
 
@@ -471,28 +471,6 @@ class StubApi:
         app.router.add_get("/favicon.ico", self.page(lambda: ""))
         app.router.add_route("*", "/mfa/api/{path:.+}", self.api)
         return app
-
-    @web.middleware
-    async def csp(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        response = await handler(request)
-        response.headers["Content-Security-Policy"] = CSP
-        return response
-
-    @staticmethod
-    def page(make: Callable[[], str]) -> Callable[[web.Request], Awaitable[web.Response]]:
-        async def handler(request: web.Request) -> web.Response:
-            return web.Response(text=make(), content_type="text/html")
-
-        return handler
-
-    async def static(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        body = static_file(name)
-        if body is None:
-            raise web.HTTPNotFound()
-        return web.Response(body=body, headers={"Content-Type": pages.STATIC_FILES[name]})
 
     async def api(self, request: web.Request) -> web.Response:
         key = f"{request.method} {request.match_info['path']}"
