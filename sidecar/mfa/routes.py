@@ -427,13 +427,10 @@ class Handlers:
             )
         except PasskeyError as exc:
             return json_error(400, "passkey_failed", str(exc))
-        self.service.forget(caller.identity.user_id)
-        self.service.metrics.enrollments_total.labels("passkey").inc()
-        await self.service.audit.record(
-            "mfa.enrolled",
-            actor=caller.actor.user,
-            client_ip=caller.actor.client_ip,
-            method="passkey",
+        await self.service.enrolled(
+            caller.identity.user_id,
+            caller.actor,
+            "passkey",
             name=record.name,
             aaguid=record.aaguid,
         )

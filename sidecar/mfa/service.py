@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -224,12 +224,16 @@ class MfaService:
         step = totp.matching_step(secret, code, now=self.now().timestamp())
         if step is None or not await self.store.confirm_totp(key, secret, step, self.now()):
             return False
-        self.forget(user_id)
-        self.metrics.enrollments_total.labels("totp").inc()
-        await self.audit.record(
-            "mfa.enrolled", actor=actor.user, client_ip=actor.client_ip, method="totp"
-        )
+        await self.enrolled(user_id, actor, "totp")
         return True
+
+    async def enrolled(self, user_id: str, actor: Actor, method: str, **details: Any) -> None:
+        """After a method was added: fresh state, the metric, the audit record."""
+        self.forget(user_id)
+        self.metrics.enrollments_total.labels(method).inc()
+        await self.audit.record(
+            "mfa.enrolled", actor=actor.user, client_ip=actor.client_ip, method=method, **details
+        )
 
     async def verify_totp(self, user_id: str, code: str) -> bool:
         """True for a correct code whose time step was never accepted before."""
