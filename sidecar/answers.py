@@ -5,6 +5,7 @@ something they can read."""
 from __future__ import annotations
 
 import html
+import json
 
 from aiohttp import web
 
@@ -42,3 +43,27 @@ def unavailable(request: web.Request, error: str, message: str) -> web.Response:
     response = json_error(503, error, message)
     response.headers["Retry-After"] = "5"
     return response
+
+
+class Refusal(web.HTTPException):
+    """A JSON refusal raised from a handler or a guard it calls (``{"error", "message",
+    ...}``, ``Cache-Control: no-store``), so handlers read as straight-line code. ``error``
+    is the machine-readable reason (e.g. ``csrf``, ``step_up_required``)."""
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        **extra: object,
+    ) -> None:
+        self.status_code = status
+        self.error = error
+        body = json.dumps({"error": error, "message": message, **extra}, default=str)
+        super().__init__(
+            text=body,
+            content_type="application/json",
+            headers={"Cache-Control": "no-store", **(headers or {})},
+        )

@@ -164,7 +164,7 @@ def build_app(
     handlers = Handlers(config=config, service=service, settings=settings)
     app[HANDLERS] = handlers
     add_routes(app, handlers)
-    add_admin_routes(app, handlers)
+    add_admin_routes(app, handlers, metrics.registry)
     add_prefix_fallback(app, handlers)
     proxy = Proxy(
         transport=lambda: app[UPSTREAM],
@@ -274,7 +274,7 @@ async def _refresh_user_gauges(service: MfaService, settings: SettingsService) -
             try:
                 await service.refresh_user_gauges(
                     policy=MfaPolicy(current.mfa_policy),
-                    epoch=current.policy_epoch,
+                    epochs=current.grace_epochs,
                     grace_period=current.grace_period_seconds,
                 )
             except StoreUnavailable as exc:

@@ -78,7 +78,7 @@ class AuditLog:
         async with self._lock:
             if self._store is not None:
                 try:
-                    stored = await self._store.append_audit(
+                    stored = await self._store.audit.append(
                         time=now,
                         actor=actor,
                         client_ip=client_ip,

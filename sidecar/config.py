@@ -305,6 +305,9 @@ class Security(_Section):
 
 class Lockout(_Section):
     max_failures: Annotated[int, Field(ge=1)] = 5
+    # Per client address, across every user behind it (an office's NAT): much higher, so that
+    # one member's wrong codes never lock their colleagues out.
+    max_failures_per_address: Annotated[int, Field(ge=1)] = 50
     window: PositiveDuration = 15 * 60.0
     ban: PositiveDuration = 15 * 60.0
 

@@ -59,7 +59,7 @@ def _last_file_record(path: str) -> dict[str, object] | None:
 
 async def audit_verify(config: Config) -> tuple[bool, str]:
     async with _store(config) as store:
-        entries = await store.all_audit_entries()
+        entries = await store.audit.all()
     broken = verify_chain(entries)
     if broken is None:
         # The chain cannot show records cut off at its end; the file's copy can.
@@ -102,7 +102,7 @@ async def reset_mfa(config: Config, user_id: str) -> str:
 async def security_show(config: Config) -> str:
     """The live settings, read-only (nothing is seeded or written)."""
     async with _store(config) as store:
-        current = await store.settings()
+        current = await store.settings.current()
     if current is None:
         current = settings_from_config(config, now=datetime.now(UTC))
         note = "\n(not in the store yet: these are the YAML's values, seeded at first start)"
@@ -121,7 +121,7 @@ async def live_ip_lists(config: Config) -> tuple[list[str], list[str], str]:
         return (*yaml_lists, "the YAML (security.managed_by: config)")
     try:
         async with _store(config) as store:
-            current = await store.settings()
+            current = await store.settings.current()
     except StoreUnavailable as exc:
         return (*yaml_lists, f"the YAML: the store is unreachable ({exc}), live lists may differ")
     if current is None:

@@ -24,8 +24,8 @@ from datetime import UTC, datetime
 from sidecar.audit import AuditLog
 from sidecar.config import Config, IpNetwork
 from sidecar.logs import fields
-from sidecar.mfa.policy import MfaPolicy, is_tightening
-from sidecar.store.base import SecuritySettings, Store, StoreUnavailable
+from sidecar.mfa.policy import MfaPolicy, next_grace_epochs
+from sidecar.store.base import GraceEpochs, SecuritySettings, Store, StoreUnavailable
 
 log = logging.getLogger("sidecar.settings")
 
@@ -39,7 +39,7 @@ def settings_from_config(config: Config, *, now: datetime) -> SecuritySettings:
         grace_period_seconds=security.grace_period,
         ip_allowlist=tuple(str(n) for n in security.ip_allowlist),
         ip_denylist=tuple(str(n) for n in security.ip_denylist),
-        policy_epoch=1,
+        grace_epochs=GraceEpochs(0, 0),
         version=0,
         updated_by="config",
         updated_at=now,
@@ -84,18 +84,19 @@ def next_settings(
     actor: str,
     now: datetime,
 ) -> SecuritySettings:
-    """The settings after a change: the epoch moves on when the policy is tightened."""
-    epoch = 1
+    """The settings after a change: a group's grace epoch moves when the policy change starts
+    or lifts that group's requirement (see ``sidecar.mfa.policy.next_grace_epochs``)."""
+    epochs = GraceEpochs(0, 0)
     if current is not None:
-        epoch = current.policy_epoch
-        if is_tightening(MfaPolicy(current.mfa_policy), MfaPolicy(mfa_policy)):
-            epoch += 1
+        epochs = next_grace_epochs(
+            MfaPolicy(current.mfa_policy), MfaPolicy(mfa_policy), current.grace_epochs
+        )
     return SecuritySettings(
         mfa_policy=mfa_policy,
         grace_period_seconds=grace_period_seconds,
         ip_allowlist=ip_allowlist,
         ip_denylist=ip_denylist,
-        policy_epoch=epoch,
+        grace_epochs=epochs,
         version=(current.version if current else 0) + 1,
         updated_by=actor,
         updated_at=now,
@@ -163,7 +164,7 @@ class SettingsService:
 
     async def load(self) -> None:
         """Load (seeding from YAML when needed); raises StoreUnavailable."""
-        stored = previous = await self._store.settings()
+        stored = previous = await self._store.settings.current()
         now = self._clock()
         wanted = settings_from_config(self._config, now=now)
         if stored is None or (
@@ -178,10 +179,10 @@ class SettingsService:
                 actor="config",
                 now=now,
             )
-            saved = await self._store.save_settings(
+            saved = await self._store.settings.save(
                 new, expected_version=stored.version if stored else 0
             )
-            stored = saved if saved is not None else await self._store.settings()
+            stored = saved if saved is not None else await self._store.settings.current()
             if saved is not None:
                 log.info(
                     "security settings written from config",
@@ -215,9 +216,9 @@ class SettingsService:
         self.healthy = True
 
     async def refresh(self) -> None:
-        version = await self._store.settings_version()
+        version = await self._store.settings.version()
         if self.current is None or version != self.current.version:
-            stored = await self._store.settings()
+            stored = await self._store.settings.current()
             if stored is not None:
                 self._publish(stored)
 
@@ -262,7 +263,7 @@ class SettingsService:
     ) -> SecuritySettings | None:
         """Write a change if nobody changed the settings since ``expected_version``;
         None when someone did (the caller answers 409)."""
-        current = await self._store.settings()
+        current = await self._store.settings.current()
         if current is None or current.version != expected_version:
             return None
         new = next_settings(
@@ -274,7 +275,7 @@ class SettingsService:
             actor=actor,
             now=self._clock(),
         )
-        saved = await self._store.save_settings(new, expected_version=expected_version)
+        saved = await self._store.settings.save(new, expected_version=expected_version)
         if saved is not None:
             self._publish(saved)
         return saved

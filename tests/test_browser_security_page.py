@@ -231,10 +231,13 @@ async def admin_reads_the_audit_log(tab: Tab) -> None:
     rows = page.locator("#audit-rows tr")
     action_cells = page.locator("#audit-rows tr td:nth-child(4)")
     await expect(rows.first).to_be_visible()
-    # Everything, newest first: bob's two changes on top, his enrollment below them.
+    # Everything, newest first: bob's two changes on top, his enrollment below them; the
+    # save the lock-out guard refused (before he confirmed it) is on record too.
     actions = await action_cells.all_inner_texts()
-    assert actions[:2] == ["security.settings.changed"] * 2, actions
-    assert "mfa.enrolled" in actions[2:], actions
+    changes = [a for a in actions if a != "admin.refused"]
+    assert changes[:2] == ["security.settings.changed"] * 2, actions
+    assert "mfa.enrolled" in changes[2:], actions
+    assert "admin.refused" in actions[: actions.index("mfa.enrolled")], actions
     await shot(page, "08-audit-log")
 
     await page.get_by_label("Action").fill("security.settings.changed")

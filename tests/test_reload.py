@@ -51,7 +51,7 @@ async def test_a_reload_that_cannot_reach_the_store_changes_nothing(
     async def down(*args: object, **kwargs: object) -> None:
         raise StoreUnavailable("connection refused")
 
-    monkeypatch.setattr(app[STORE], "settings", down)
+    monkeypatch.setattr(app[STORE].settings, "current", down)
     assert await Reloader(app, path).reload("test") is False
     assert app[LIVE].config is before
     failures = app[METRICS].config_reloads_total.labels("failure")._value.get()

@@ -8,28 +8,39 @@ within the last 10 minutes (step-up); anyone else gets 403 (``forbidden``, or
 change that would block the caller's own current address unless ``confirm_lockout``; and uses
 optimistic concurrency (``version`` must be the one the caller edited: 409 if it moved).
 With ``security.managed_by: config`` the settings are read-only here (409).
+
+Every refusal of a signed-in caller on these routes (forbidden, CSRF, step-up missing, the
+lock-out guard, a stale version, invalid input, read-only settings) is audited as
+``admin.refused`` with the reason and route, so a reviewer sees attempts and not only
+successes; at most one record per caller, reason and route a minute (the rest are counted in
+the next record and in ``sidecar_admin_refusals_total{reason}``), so refusals cannot be
+turned into a flood of store writes.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
-from datetime import timedelta
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter
 
-from sidecar.answers import json_error
-from sidecar.config import MAX_DURATION_SECONDS, parse_cidr, parse_duration
+from sidecar.answers import Refusal
+from sidecar.config import MAX_DURATION_SECONDS, Config, parse_cidr, parse_duration
 from sidecar.decision import Decision
 from sidecar.identity.base import is_privileged
 from sidecar.mfa import pages, security_pages
-from sidecar.mfa.policy import MfaPolicy, is_required, is_tightening
-from sidecar.mfa.routes import Caller, Handlers, methods_json
+from sidecar.mfa.policy import MfaPolicy, next_grace_epochs
+from sidecar.mfa.routes import Caller, Handlers, methods_json, store_unavailable
 from sidecar.net import IpGate
 from sidecar.settings import networks, settings_changes
-from sidecar.state import CLIENT_IP
+from sidecar.state import CLIENT_IP, IDENTITY
 from sidecar.store.base import SecuritySettings, StoreUnavailable
 
 MAX_AUDIT_PAGE = 1000
@@ -80,32 +91,109 @@ def validate_lines(field: str, value: object) -> tuple[list[str], list[dict[str,
     return good, errors
 
 
+class RefusalLog:
+    """Which admin refusals to audit: the first per (caller, reason, route) in a minute, with
+    the number of further ones since the last record; bounded to ``max_keys`` entries."""
+
+    def __init__(self, registry: CollectorRegistry, *, window: float = 60.0) -> None:
+        self._window = window
+        self._max_keys = 10_000
+        self._seen: OrderedDict[tuple[str, str, str], tuple[float, int]] = OrderedDict()
+        self.total = Counter(
+            "sidecar_admin_refusals_total",
+            "Refused calls to the admin API and pages, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in ("forbidden", "csrf", "step_up_required", "would_lock_you_out", "conflict"):
+            self.total.labels(reason)
+
+    def note(self, key: tuple[str, str, str], now: float) -> int | None:
+        """None when this refusal is only counted, else the ones suppressed before it."""
+        self.total.labels(key[1]).inc()
+        last = self._seen.get(key)
+        if last is not None and now - last[0] < self._window:
+            self._seen[key] = (last[0], last[1] + 1)
+            return None
+        self._seen[key] = (now, 0)
+        self._seen.move_to_end(key)
+        while len(self._seen) > self._max_keys:
+            self._seen.popitem(last=False)
+        return last[1] if last is not None else 0
+
+
+AdminHandler = Callable[["AdminHandlers", web.Request], Awaitable[web.StreamResponse]]
+
+
+def audited_refusals(handler: AdminHandler) -> AdminHandler:
+    """Audit every refusal (a 4xx other than 401) of a signed-in caller on an admin route."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: AdminHandlers, request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(self, request)
+        except web.HTTPException as refusal:
+            identity = request.get(IDENTITY)
+            if identity is not None and 400 <= refusal.status < 500 and refusal.status != 401:
+                await self.audit_refusal(request, identity.user_id, refusal)
+            raise
+
+    return wrapper
+
+
 class AdminHandlers:
-    def __init__(self, handlers: Handlers) -> None:
+    def __init__(self, handlers: Handlers, refusals: RefusalLog) -> None:
         self.h = handlers
-        self.config = handlers.config
         self.service = handlers.service
         self.settings = handlers.settings
+        self.refusals = refusals
 
-    async def _admin(self, request: web.Request, *, write: bool) -> Caller | web.Response:
+    @property
+    def config(self) -> Config:
+        """The running configuration (a reload swaps it; never a copy taken at start)."""
+        return self.h.config
+
+    async def audit_refusal(
+        self, request: web.Request, actor: str, refusal: web.HTTPException
+    ) -> None:
+        reason = getattr(refusal, "error", None) or f"http_{refusal.status}"
+        route = request.match_info.route.resource
+        where = route.canonical if route is not None else request.path
+        suppressed = self.refusals.note((actor, reason, where), time.monotonic())
+        if suppressed is None:
+            return
+        client_ip = request.get(CLIENT_IP)
+        await self.service.audit.record(
+            "admin.refused",
+            actor=actor,
+            client_ip=str(client_ip) if client_ip is not None else None,
+            outcome=reason,
+            target=where,
+            method=request.method,
+            status=refusal.status,
+            suppressed_before=suppressed,
+        )
+
+    async def _admin(self, request: web.Request, *, write: bool) -> Caller:
         caller = await self.h.caller(request)
-        if isinstance(caller, web.Response):
-            return caller
         if not is_privileged(caller.identity, self.config.identity.admin_roles):
-            return json_error(403, "forbidden", "Only organization admins can do this.")
-        if write and (refused := self.h.cross_site(request, caller.session)):
-            return refused
+            raise Refusal(403, "forbidden", "Only organization admins can do this.")
+        if write:
+            self.h.check_same_site(request, caller.session)
         if not self.h.stepped_up(caller):
-            return self.h.step_up_required(f"{self.h.prefix}/security")
+            raise self.h.step_up_required(f"{self.h.prefix}/security")
         return caller
 
-    async def get_security(self, request: web.Request) -> web.Response:
-        caller = await self._admin(request, write=False)
-        if isinstance(caller, web.Response):
-            return caller
+    def loaded(self) -> SecuritySettings:
         current = self.settings.current
         if current is None:
-            return json_error(503, "store_unavailable", "Security settings are not loaded.")
+            raise store_unavailable("Security settings are not loaded.")
+        return current
+
+    @audited_refusals
+    async def get_security(self, request: web.Request) -> web.StreamResponse:
+        await self._admin(request, write=False)
+        current = self.loaded()
         body = settings_json(current, self.settings.managed_by)
         try:
             body["preview"] = await self.preview(
@@ -117,61 +205,44 @@ class AdminHandlers:
 
     async def preview(self, policy: MfaPolicy, grace_period: float) -> dict[str, int]:
         """How known users would fare under ``policy``: enrolled, in grace, blocked (required,
-        not enrolled, grace over), not required."""
-        current = self.settings.current
-        if current is None:
-            raise StoreUnavailable("settings not loaded")
-        new_epoch = is_tightening(MfaPolicy(current.mfa_policy), policy)
-        starts = {} if new_epoch else await self.service.store.grace_starts(current.policy_epoch)
-        now = self.service.now()
-        admin_roles = {r.casefold() for r in self.config.identity.admin_roles}
-        counts = {"users": 0, "enrolled": 0, "grace": 0, "blocked": 0, "not_required": 0}
-        enrolled = await self.service.store.enrolled_user_keys()
-        for user in await self.service.store.list_users():
-            counts["users"] += 1
-            if user.user_id in enrolled:
-                counts["enrolled"] += 1
-            elif not is_required(policy, (user.role or "").casefold() in admin_roles):
-                counts["not_required"] += 1
-            else:
-                start = starts.get(user.user_id, now)
-                in_grace = now < start + timedelta(seconds=grace_period)
-                counts["grace" if in_grace else "blocked"] += 1
+        not enrolled, grace over), not required. Clocks are judged with the epochs the change
+        would produce: users it newly requires would start a clock now."""
+        current = self.loaded()
+        epochs = next_grace_epochs(MfaPolicy(current.mfa_policy), policy, current.grace_epochs)
+        standings = await self.service.standings(
+            policy=policy, epochs=epochs, grace_period=grace_period
+        )
+        counts = {"users": len(standings), "enrolled": 0, "grace": 0, "blocked": 0}
+        counts["not_required"] = 0
+        names = {"enrolled": "enrolled", "grace": "grace", "overdue": "blocked"}
+        for standing in standings.values():
+            counts[names.get(standing.value, "not_required")] += 1
         return counts
 
-    async def preview_handler(self, request: web.Request) -> web.Response:
-        caller = await self._admin(request, write=False)
-        if isinstance(caller, web.Response):
-            return caller
+    @audited_refusals
+    async def preview_handler(self, request: web.Request) -> web.StreamResponse:
+        await self._admin(request, write=False)
         policy = request.query.get("mfa_policy", "")
         if policy not in _POLICIES:
-            return json_error(400, "invalid", f"mfa_policy must be one of {', '.join(_POLICIES)}")
+            raise Refusal(400, "invalid", f"mfa_policy must be one of {', '.join(_POLICIES)}")
         try:
             grace = parse_duration(request.query.get("grace_period", "72h"))
         except ValueError:
-            return json_error(400, "invalid", "grace_period is not a duration")
-        try:
-            counts = await self.preview(MfaPolicy(policy), grace)
-        except StoreUnavailable:
-            return json_error(503, "store_unavailable", "Security checks are unavailable.")
+            raise Refusal(400, "invalid", "grace_period is not a duration") from None
+        counts = await self.preview(MfaPolicy(policy), grace)
         return web.json_response(counts, headers={"Cache-Control": "no-store"})
 
-    async def put_security(self, request: web.Request) -> web.Response:
+    @audited_refusals
+    async def put_security(self, request: web.Request) -> web.StreamResponse:
         caller = await self._admin(request, write=True)
-        if isinstance(caller, web.Response):
-            return caller
         if self.settings.managed_by == "config":
-            return json_error(
+            raise Refusal(
                 409,
                 "managed_by_config",
                 "These settings come from the deployment's YAML (security.managed_by: config).",
             )
         data = await self.h.body(request)
-        if isinstance(data, web.Response):
-            return data
-        current = self.settings.current
-        if current is None:
-            return json_error(503, "store_unavailable", "Security settings are not loaded.")
+        current = self.loaded()
         errors: list[dict[str, Any]] = []
         policy = data.get("mfa_policy", current.mfa_policy)
         if policy not in _POLICIES:
@@ -210,7 +281,7 @@ class AdminHandlers:
         if isinstance(version, bool) or not isinstance(version, int):
             errors.append({"field": "version", "value": version, "reason": "required (int)"})
         if errors:
-            return json_error(
+            raise Refusal(
                 400,
                 "invalid",
                 f"{len(errors)} value(s) need fixing.",
@@ -222,7 +293,7 @@ class AdminHandlers:
             verdict = IpGate(allowlist=networks(tuple(allow)), denylist=networks(tuple(deny)))
             decided = verdict.decide(client_ip)
             if decided.decision is not Decision.ALLOWED:
-                return json_error(
+                raise Refusal(
                     409,
                     "would_lock_you_out",
                     f"This change would block your current address {client_ip}"
@@ -240,9 +311,9 @@ class AdminHandlers:
                 expected_version=expected_version,
             )
         except StoreUnavailable:
-            return json_error(503, "store_unavailable", "The change could not be saved.")
+            raise store_unavailable("The change could not be saved.") from None
         if saved is None:
-            return json_error(
+            raise Refusal(
                 409,
                 "conflict",
                 "Someone else changed these settings since you loaded them. Reload and retry.",
@@ -260,26 +331,25 @@ class AdminHandlers:
             settings_json(saved, self.settings.managed_by), headers={"Cache-Control": "no-store"}
         )
 
+    @audited_refusals
     async def audit_log(self, request: web.Request) -> web.StreamResponse:
-        caller = await self._admin(request, write=False)
-        if isinstance(caller, web.Response):
-            return caller
+        await self._admin(request, write=False)
         try:
             limit = min(int(request.query.get("limit", "100")), MAX_AUDIT_PAGE)
             before = int(request.query["before"]) if "before" in request.query else None
         except ValueError:
-            return json_error(400, "invalid", "limit and before must be integers")
+            raise Refusal(400, "invalid", "limit and before must be integers") from None
         if before is not None and not 0 < before < 2**62:
-            return json_error(400, "invalid", "before must be a record sequence number")
+            raise Refusal(400, "invalid", "before must be a record sequence number")
         try:
-            entries = await self.service.store.audit_entries(
+            entries = await self.service.store.audit.entries(
                 limit=max(limit, 1),
                 action=request.query.get("action") or None,
                 actor=request.query.get("actor") or None,
                 before_seq=before,
             )
         except StoreUnavailable:
-            return json_error(503, "store_unavailable", "The audit log is unavailable.")
+            raise store_unavailable("The audit log is unavailable.") from None
         rows = [
             {
                 "seq": e.seq,
@@ -320,7 +390,7 @@ class AdminHandlers:
     async def security_page(self, request: web.Request) -> web.Response:
         async def render(caller: Caller) -> str:
             privileged = is_privileged(caller.identity, self.config.identity.admin_roles)
-            passkeys = await self.service.store.passkeys(caller.identity.user_id)
+            passkeys = await self.service.store.mfa.passkeys(caller.identity.user_id)
             settings: dict[str, Any] | None = None
             preview: dict[str, int] | None = None
             step_up_url: str | None = None
@@ -352,7 +422,8 @@ class AdminHandlers:
 
         return await self.h.page(request, render)
 
-    async def audit_page(self, request: web.Request) -> web.Response:
+    @audited_refusals
+    async def audit_page(self, request: web.Request) -> web.StreamResponse:
         async def render(caller: Caller) -> str:
             if not is_privileged(caller.identity, self.config.identity.admin_roles):
                 raise web.HTTPForbidden(
@@ -370,25 +441,34 @@ class AdminHandlers:
 
         return await self.h.page(request, render)
 
-    async def reset_mfa(self, request: web.Request) -> web.Response:
+    @audited_refusals
+    async def reset_mfa(self, request: web.Request) -> web.StreamResponse:
         caller = await self._admin(request, write=True)
-        if isinstance(caller, web.Response):
-            return caller
         target = request.match_info["id"]
         if not valid_user_id(target):
-            return json_error(400, "invalid", "That is not a user id.")
+            raise Refusal(400, "invalid", "That is not a user id.")
         try:
             removed = await self.service.reset(target, caller.actor)
         except StoreUnavailable:
-            return json_error(503, "store_unavailable", "The reset could not be saved.")
+            raise store_unavailable("The reset could not be saved.") from None
         return web.json_response(
             {"user": target, "reset": removed}, headers={"Cache-Control": "no-store"}
         )
 
 
+MAX_USER_ID_LENGTH = 256
+
+
 def valid_user_id(text: str) -> bool:
-    """A user id as a console reports it: not blank, printable, of sane length."""
-    return bool(text.strip()) and len(text) <= 256 and text.isprintable()
+    """A user id as a console reports it: not blank, printable, UTF-8 encodable (no lone
+    surrogates), of sane length. Compared exactly everywhere: no trimming or folding."""
+    if not text.strip() or len(text) > MAX_USER_ID_LENGTH or not text.isprintable():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _csv_safe(value: object) -> str:
@@ -397,8 +477,10 @@ def _csv_safe(value: object) -> str:
     return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
-def add_admin_routes(app: web.Application, handlers: Handlers) -> AdminHandlers:
-    admin = AdminHandlers(handlers)
+def add_admin_routes(
+    app: web.Application, handlers: Handlers, registry: CollectorRegistry
+) -> AdminHandlers:
+    admin = AdminHandlers(handlers, RefusalLog(registry))
     p = handlers.prefix
     r = app.router
     r.add_get(f"{p}/security", admin.security_page)

@@ -2,7 +2,7 @@
 
 Promises:
 
-- User verification is required (Face ID, Touch ID, Windows Hello, a PIN on a security key);
+- User verification is required (Face ID, Touch ID, Windows Hello, a PIN on a security user_id);
   discoverable credentials are preferred; platform and roaming authenticators both work (no
   attachment restriction); ``rp_id`` and the allowed origins come from config.
 - Challenges live in the store, bound to the user, the sidecar session and the purpose,
@@ -47,7 +47,7 @@ from webauthn.helpers.structs import (
 )
 
 from sidecar.config import Config
-from sidecar.store.base import PasskeyRecord, Store, user_key
+from sidecar.store.base import PasskeyRecord, Store
 
 CEREMONY_SECONDS = 120
 #: WebAuthn Level 3 §7.1 step 24: relying parties should refuse longer credential ids.
@@ -85,9 +85,9 @@ class Passkeys:
         self, challenge: bytes, *, user_id: str, session_id: str, purpose: str, now: datetime
     ) -> str:
         challenge_id = secrets.token_urlsafe(18)
-        await self._store.put_challenge(
+        await self._store.mfa.put_challenge(
             challenge_id,
-            user_id=user_key(user_id),
+            user_id=user_id,
             session_id=session_id,
             purpose=purpose,
             challenge=challenge,
@@ -106,9 +106,9 @@ class Passkeys:
     ) -> bytes:
         if not isinstance(challenge_id, str):
             raise PasskeyError("No passkey request is in progress. Start again.")
-        challenge = await self._store.take_challenge(
+        challenge = await self._store.mfa.take_challenge(
             challenge_id,
-            user_id=user_key(user_id),
+            user_id=user_id,
             session_id=session_id,
             purpose=purpose,
             now=now,
@@ -120,9 +120,8 @@ class Passkeys:
     async def begin_registration(
         self, *, user_id: str, user_name: str, display_name: str, session_id: str, now: datetime
     ) -> Begun:
-        key = user_key(user_id)
-        handle = await self._store.user_handle(key)
-        existing = await self._store.passkeys(key)
+        handle = await self._store.mfa.user_handle(user_id)
+        existing = await self._store.mfa.passkeys(user_id)
         options = generate_registration_options(
             rp_id=self._rp_id,
             rp_name=self._rp_name,
@@ -137,7 +136,7 @@ class Passkeys:
             exclude_credentials=[_descriptor(r) for r in existing],
         )
         challenge_id = await self._remember(
-            options.challenge, user_id=key, session_id=session_id, purpose=REGISTER, now=now
+            options.challenge, user_id=user_id, session_id=session_id, purpose=REGISTER, now=now
         )
         return Begun(challenge_id, options_to_json(options))
 
@@ -151,9 +150,10 @@ class Passkeys:
         name: str,
         now: datetime,
     ) -> PasskeyRecord:
-        key = user_key(user_id)
+        """The verified new credential, not stored yet (the caller stores it under its
+        generation condition: ``MfaStore.add_passkey``)."""
         challenge = await self._take(
-            challenge_id, user_id=key, session_id=session_id, purpose=REGISTER, now=now
+            challenge_id, user_id=user_id, session_id=session_id, purpose=REGISTER, now=now
         )
         try:
             parsed = parse_registration_credential_json(credential)
@@ -168,12 +168,12 @@ class Passkeys:
             raise PasskeyError(f"The passkey could not be registered: {exc}") from exc
         if len(verified.credential_id) > MAX_CREDENTIAL_ID:
             raise PasskeyError("The passkey's credential id is too long.")
-        if await self._store.passkey(verified.credential_id) is not None:
+        if await self._store.mfa.passkey(verified.credential_id) is not None:
             raise PasskeyError("This passkey is already registered.")
         transports = tuple(t.value for t in (parsed.response.transports or ()))
         record = PasskeyRecord(
             credential_id=verified.credential_id,
-            user_id=key,
+            user_id=user_id,
             public_key=verified.credential_public_key,
             sign_count=verified.sign_count,
             transports=transports,
@@ -184,15 +184,10 @@ class Passkeys:
             created_at=now,
             last_used_at=None,
         )
-        try:
-            await self._store.add_passkey(record)
-        except ValueError as exc:  # registered concurrently by another request
-            raise PasskeyError("This passkey is already registered.") from exc
         return record
 
     async def begin_authentication(self, *, user_id: str, session_id: str, now: datetime) -> Begun:
-        key = user_key(user_id)
-        existing = await self._store.passkeys(key)
+        existing = await self._store.mfa.passkeys(user_id)
         if not existing:
             raise PasskeyError("You have no passkeys yet.")
         options = generate_authentication_options(
@@ -202,7 +197,7 @@ class Passkeys:
             user_verification=UserVerificationRequirement.REQUIRED,
         )
         challenge_id = await self._remember(
-            options.challenge, user_id=key, session_id=session_id, purpose=AUTHENTICATE, now=now
+            options.challenge, user_id=user_id, session_id=session_id, purpose=AUTHENTICATE, now=now
         )
         return Begun(challenge_id, options_to_json(options))
 
@@ -214,22 +209,22 @@ class Passkeys:
         challenge_id: object,
         credential: Any,
         now: datetime,
-    ) -> PasskeyRecord:
-        key = user_key(user_id)
+    ) -> int:
+        """Verify an assertion; the user's generation the verification counts for."""
         challenge = await self._take(
-            challenge_id, user_id=key, session_id=session_id, purpose=AUTHENTICATE, now=now
+            challenge_id, user_id=user_id, session_id=session_id, purpose=AUTHENTICATE, now=now
         )
         try:
             parsed = parse_authentication_credential_json(credential)
         except (WebAuthnException, ValueError, TypeError, KeyError) as exc:
             raise PasskeyError("The passkey answer could not be read.") from exc
-        stored = await self._store.passkey(parsed.raw_id)
-        # py_webauthn checks the signature against the key we pass; that the key belongs to
+        stored = await self._store.mfa.passkey(parsed.raw_id)
+        # py_webauthn checks the signature against the user_id we pass; that the user_id belongs to
         # *this* user is ours to check.
-        if stored is None or stored.user_id != key:
+        if stored is None or stored.user_id != user_id:
             raise PasskeyError("That passkey is not registered for your account.")
         handle = parsed.response.user_handle
-        if handle and handle != await self._store.user_handle(key):
+        if handle and handle != await self._store.mfa.user_handle(user_id):
             raise PasskeyError("That passkey belongs to another account.")
         try:
             verified = verify_authentication_response(
@@ -243,15 +238,16 @@ class Passkeys:
             )
         except (WebAuthnException, ValueError, TypeError, KeyError) as exc:
             raise PasskeyError(f"The passkey could not be verified: {exc}") from exc
-        if not await self._store.update_passkey_use(
+        generation = await self._store.mfa.record_passkey_use(
             stored.credential_id,
             old_sign_count=stored.sign_count,
             new_sign_count=verified.new_sign_count,
             backup_state=verified.credential_backed_up,
             now=now,
-        ):
+        )
+        if generation is None:
             raise PasskeyError("The passkey was used elsewhere at the same moment. Try again.")
-        return stored
+        return generation
 
 
 def credential_id_from(text: str) -> bytes | None:

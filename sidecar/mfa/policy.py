@@ -6,10 +6,14 @@ Rules (DESIGN pipeline step 5):
 - An enrolled user must verify once per sidecar session whatever the policy (an enrolled
   method is a promise to the user that it protects their account).
 - A required user who is not enrolled has a grace period: the clock starts the first time the
-  requirement is seen for them under the current policy epoch (the caller persists that start
-  and passes it in). Re-login, new sessions and role flapping reuse the stored start; a
-  tightened policy opens a new epoch and so new clocks; the deadline is always
-  start + the *current* grace period, so shortening it applies at once.
+  requirement is seen for them (the caller persists that start and passes it in). Re-login,
+  new sessions, role flapping and policy edits that leave them required reuse the stored
+  start. A policy change starts clocks only for the users it newly requires; a user whose
+  requirement was lifted by a policy change and later re-imposed starts a new clock. This is
+  tracked with one epoch per group (privileged users, everyone else) that moves whenever a
+  policy change starts or lifts that group's requirement (:func:`next_grace_epochs`); a stored
+  clock runs while its group's epoch has not moved. The deadline is always start + the
+  *current* grace period, so shortening it applies at once.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 
 from sidecar.decision import Decision
+from sidecar.store.base import GraceEpochs, GraceRecord
 
 
 class MfaPolicy(StrEnum):
@@ -27,16 +32,30 @@ class MfaPolicy(StrEnum):
     ALL = "all"
 
 
-_STRICTNESS = {MfaPolicy.OPTIONAL: 0, MfaPolicy.ADMINS: 1, MfaPolicy.ALL: 2}
-
-
-def is_tightening(old: MfaPolicy, new: MfaPolicy) -> bool:
-    """True when ``new`` requires MFA of users that ``old`` did not (a new grace epoch)."""
-    return _STRICTNESS[new] > _STRICTNESS[old]
-
-
 def is_required(policy: MfaPolicy, privileged: bool) -> bool:
     return policy is MfaPolicy.ALL or (policy is MfaPolicy.ADMINS and privileged)
+
+
+def next_grace_epochs(old: MfaPolicy | None, new: MfaPolicy, epochs: GraceEpochs) -> GraceEpochs:
+    """The epochs after a policy change: each group's moves when the change starts or lifts
+    its requirement (``admins`` -> ``all`` moves only the members' epoch, so an admin's clock
+    keeps running; ``all`` -> ``admins`` -> ``all`` moves it twice, so a member's restarts)."""
+    if old is None:
+        return epochs
+    return GraceEpochs(
+        admins=epochs.admins + (is_required(old, True) != is_required(new, True)),
+        members=epochs.members + (is_required(old, False) != is_required(new, False)),
+    )
+
+
+def running_clock(
+    record: GraceRecord | None, epochs: GraceEpochs, *, privileged: bool
+) -> datetime | None:
+    """The start of the user's grace clock if it still runs under ``epochs``, else None (a
+    clock would start anew). ``SqlUsers.grace_started`` applies the same rule in its query."""
+    if record is None or record.epochs.of(privileged) < epochs.of(privileged):
+        return None
+    return record.started_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,3 +98,31 @@ def decide(
 def needs_grace_start(*, policy: MfaPolicy, privileged: bool, enrolled: bool) -> bool:
     """Whether :func:`decide` needs the user's grace start (so the caller looks it up)."""
     return not enrolled and is_required(policy, privileged)
+
+
+class Standing(StrEnum):
+    """Where a known user stands with the policy, for gauges and the Security page preview."""
+
+    ENROLLED = "enrolled"
+    GRACE = "grace"
+    OVERDUE = "overdue"
+    NOT_REQUIRED = "not_required"
+
+
+def standing(
+    *,
+    policy: MfaPolicy,
+    privileged: bool,
+    enrolled: bool,
+    grace_started: datetime | None,
+    grace_period: timedelta,
+    now: datetime,
+) -> Standing:
+    """The one classification both the gauges and the preview use. ``grace_started`` None
+    for a required user means a clock would start at ``now``."""
+    if enrolled:
+        return Standing.ENROLLED
+    if not is_required(policy, privileged):
+        return Standing.NOT_REQUIRED
+    start = grace_started if grace_started is not None else now
+    return Standing.GRACE if now < start + grace_period else Standing.OVERDUE

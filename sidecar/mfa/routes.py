@@ -3,7 +3,23 @@
 Every route needs a console identity (401 otherwise). Every state-changing call needs the
 session's CSRF token in ``X-CSRF-Token`` and must not come from another site (``Origin`` in
 ``mfa.origin``, ``Sec-Fetch-Site`` same-origin when the browser sends them). Answers are
-``Cache-Control: no-store``: some carry recovery codes or secrets.
+``Cache-Control: no-store``: some carry recovery codes or secrets. Refusals are raised
+(:class:`sidecar.answers.Refusal`).
+
+Rules every begin/finish pair keeps (the finish re-checks what the begin checked, on state
+read from the store then, because the account may have changed in between):
+
+- Adding a method to an enrolled account needs a verification in the last 10 minutes
+  (step-up), and the write is conditional on the generation that verification was made under:
+  a reset or removal on any replica in between makes it fail. A first enrollment is
+  conditional on the account still having no method.
+- A pending authenticator-app secret is bound to the session that began it, expires after
+  ``PENDING_TOTP_SECONDS`` and is discarded when any method is added, removed or reset.
+- Every secret checked (a code at verification or at enrollment, a recovery code, a passkey
+  assertion) is a counted attempt (``MfaService.attempt``); attempts against a method the
+  account does not have are refused with 409 ``not_enrolled`` and not counted.
+- A session is marked verified under the generation returned by the write or the
+  consumption that succeeded, never under one read afterwards.
 """
 
 from __future__ import annotations
@@ -14,15 +30,15 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from aiohttp import web
 from aiohttp_session import Session
 from webauthn.helpers import bytes_to_base64url
 
-from sidecar.answers import json_error
+from sidecar.answers import Refusal, json_error
 from sidecar.config import Config
 from sidecar.identity.base import Identity, is_privileged
 from sidecar.mfa import pages
@@ -35,7 +51,7 @@ from sidecar.mfa.passkeys import (
     credential_id_from,
 )
 from sidecar.mfa.policy import MfaPolicy, is_required
-from sidecar.mfa.service import Actor, MfaService
+from sidecar.mfa.service import Actor, Attempt, MfaService
 from sidecar.mfa.session import (
     csrf_token,
     mark_verified,
@@ -55,6 +71,8 @@ log = logging.getLogger("sidecar.mfa")
 
 #: How recent a verification must be for sensitive changes (step-up).
 STEP_UP_SECONDS = 600.0
+#: Longest code accepted in a JSON body (a recovery code with spaces is ~15 characters).
+MAX_CODE_LENGTH = 64
 
 _NO_STORE = {"Cache-Control": "no-store"}
 
@@ -85,7 +103,7 @@ class Caller:
     session: Session
     binding: str
     actor: Actor
-    state: MfaState
+    state: MfaState  # read from the store for this request (never the gate's cache)
 
 
 def methods_json(caller: Caller, passkeys: list[PasskeyRecord]) -> dict[str, Any]:
@@ -105,6 +123,10 @@ def methods_json(caller: Caller, passkeys: list[PasskeyRecord]) -> dict[str, Any
     }
 
 
+def store_unavailable(message: str = "Security checks are unavailable.") -> Refusal:
+    return Refusal(503, "store_unavailable", message, headers={"Retry-After": "5"})
+
+
 class Handlers:
     def __init__(self, *, config: Config, service: MfaService, settings: SettingsService) -> None:
         self.service = service
@@ -118,20 +140,21 @@ class Handlers:
         self._origins = set(config.mfa.origin)
         self.passkeys = Passkeys(store=self.service.store, config=config)
 
-    # --- plumbing --------------------------------------------------------------------------
+    # --- guards ----------------------------------------------------------------------------
 
-    async def caller(self, request: web.Request) -> Caller | web.Response:
+    async def caller(self, request: web.Request) -> Caller:
+        """The signed-in caller with their MFA state read now; 401 or 503 otherwise."""
         identity = request.get(IDENTITY)
         if identity is None:
-            return json_error(401, "unauthenticated", "Sign in to the console first.")
+            raise Refusal(401, "unauthenticated", "Sign in to the console first.")
         binding = binding_of(identity.credential_hash)
         session = await session_for(request, user=identity.user_id, binding=binding)
         client_ip = request.get(CLIENT_IP)
         try:
-            state = await self.service.state(identity.user_id)
+            state = await self.service.fresh_state(identity.user_id)
             await self.service.touch(identity.user_id, email=identity.email, role=identity.role)
         except StoreUnavailable:
-            return json_error(503, "store_unavailable", "Security checks are unavailable.")
+            raise store_unavailable() from None
         return Caller(
             identity,
             session,
@@ -140,25 +163,24 @@ class Handlers:
             state,
         )
 
-    async def writer(self, request: web.Request) -> Caller | web.Response:
-        """The caller of a state-changing call, or the answer refusing it (401, CSRF)."""
+    async def writer(self, request: web.Request) -> Caller:
+        """The caller of a state-changing call (401, CSRF refusals raised)."""
         caller = await self.caller(request)
-        if isinstance(caller, web.Response):
-            return caller
-        return self.cross_site(request, caller.session) or caller
+        self.check_same_site(request, caller.session)
+        return caller
 
-    def cross_site(self, request: web.Request, session: Session) -> web.Response | None:
-        """The CSRF answer for a state-changing call, or None when it may proceed."""
+    def check_same_site(self, request: web.Request, session: Session) -> None:
+        """Refuse (403 ``csrf``) a state-changing call from another site or without the
+        session's CSRF token."""
         origin = request.headers.get("Origin")
         if origin is not None and origin.rstrip("/") not in self._origins:
-            return json_error(403, "csrf", "Request from another site refused.")
+            raise Refusal(403, "csrf", "Request from another site refused.")
         site = request.headers.get("Sec-Fetch-Site")
         if site is not None and site not in ("same-origin", "none"):
-            return json_error(403, "csrf", "Request from another site refused.")
+            raise Refusal(403, "csrf", "Request from another site refused.")
         token = request.headers.get("X-CSRF-Token", "")
         if not token or not hmac.compare_digest(token.encode(), csrf_token(session).encode()):
-            return json_error(403, "csrf", "Missing or wrong CSRF token; reload the page.")
-        return None
+            raise Refusal(403, "csrf", "Missing or wrong CSRF token; reload the page.")
 
     def verified(self, caller: Caller) -> bool:
         return view(caller.session).verified_for(
@@ -174,25 +196,50 @@ class Handlers:
             caller.session, now=time.time(), within=STEP_UP_SECONDS
         )
 
-    def step_up_required(self, next_path: str = "/") -> web.Response:
-        return json_error(
+    def step_up_required(self, next_path: str = "/") -> Refusal:
+        return Refusal(
             403,
             "step_up_required",
             "Confirm it's you again before changing your security settings.",
             location=f"{self.prefix}/verify?next={next_path}",
         )
 
-    async def body(self, request: web.Request) -> dict[str, Any] | web.Response:
+    def require_step_up(self, caller: Caller, next_path: str) -> int:
+        """Refuse unless the session verified recently under the current generation; the
+        generation to make the change conditional on."""
+        if not self.stepped_up(caller):
+            raise self.step_up_required(next_path)
+        return caller.state.mfa_generation
+
+    def enrollment_condition(self, caller: Caller) -> int | None:
+        """What adding a method is conditional on: ``None`` (the account still has no method)
+        for a first enrollment, else a step-up under the current generation."""
+        if not caller.state.enrolled:
+            return None
+        return self.require_step_up(caller, f"{self.prefix}/setup")
+
+    async def body(self, request: web.Request) -> dict[str, Any]:
         if not request.body_exists:
             return {}
+        if request.content_type not in ("application/json", "application/octet-stream", ""):
+            # A form post or anything else: the API speaks JSON only (codes never arrive in
+            # form or query encoding).
+            raise Refusal(415, "unsupported_media_type", "Send the request body as JSON.")
         try:
             data = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError):
             # RecursionError: "[[[[..." nested deeper than the JSON parser can follow.
-            return json_error(400, "bad_request", "The request body is not valid JSON.")
+            raise Refusal(400, "bad_request", "The request body is not valid JSON.") from None
         if not isinstance(data, dict):
-            return json_error(400, "bad_request", "The request body must be a JSON object.")
+            raise Refusal(400, "bad_request", "The request body must be a JSON object.")
         return data
+
+    async def code_from(self, request: web.Request, message: str) -> str:
+        """The ``code`` of a JSON body: a non-empty string of sane length."""
+        code = (await self.body(request)).get("code")
+        if not isinstance(code, str) or not code.strip() or len(code) > MAX_CODE_LENGTH:
+            raise Refusal(400, "bad_request", message)
+        return code
 
     def required(self, identity: Identity) -> bool:
         current = self.settings.current
@@ -206,7 +253,11 @@ class Handlers:
         current = self.settings.current
         if current is None or caller.state.enrolled or not self.required(caller.identity):
             return None
-        start = await self.service.grace_started(caller.identity.user_id, current.policy_epoch)
+        start = await self.service.grace_started(
+            caller.identity.user_id,
+            epochs=current.grace_epochs,
+            privileged=is_privileged(caller.identity, self.config.identity.admin_roles),
+        )
         return (start + timedelta(seconds=current.grace_period_seconds)).isoformat()
 
     def context(self, request: web.Request, caller: Caller) -> pages.PageContext:
@@ -219,17 +270,62 @@ class Handlers:
             app_name=self.config.mfa.rp_name,
         )
 
+    # --- answers ---------------------------------------------------------------------------
+
+    async def verified_answer(
+        self, request: web.Request, caller: Caller, generation: int, payload: dict[str, Any]
+    ) -> web.Response:
+        """Answer a successful enrollment or verification on a brand-new session, verified
+        under ``generation`` (the one the successful write or consumption returned)."""
+        session = await mark_verified(
+            request, user=caller.identity.user_id, binding=caller.binding, generation=generation
+        )
+        payload["csrf_token"] = csrf_token(session)
+        return web.json_response(payload, headers=_NO_STORE)
+
+    async def enrolled_answer(
+        self, request: web.Request, caller: Caller, generation: int
+    ) -> web.Response:
+        """After a method was added: recovery codes on the first enrollment only (shown
+        once), and a new session verified under the enrollment's generation."""
+        codes = None
+        if not caller.state.enrolled:
+            codes = await self.service.new_recovery_codes(
+                caller.identity.user_id, caller.actor, first=True, expected_generation=generation
+            )
+        return await self.verified_answer(
+            request, caller, generation, {"recovery_codes": codes, "verified": True}
+        )
+
+    def changed_meanwhile(self) -> Refusal:
+        return Refusal(
+            409,
+            "changed_meanwhile",
+            "Your security settings changed while you were doing this. Reload and try again.",
+        )
+
+    def refuse_attempt(self, attempt: Attempt, wrong: str) -> NoReturn:
+        """The answer to a counted attempt that did not succeed."""
+        if attempt.locked_until is not None:
+            locked(attempt.locked_until, attempt.locked_by)
+        raise Refusal(400, "invalid_code", wrong, attempts_left=attempt.attempts_left)
+
+    def ceremony(self, caller: Caller, purpose: str, begun: Begun) -> web.Response:
+        """Remember the challenge in the session and answer the options JSON."""
+        remember_challenge(caller.session, purpose, begun.challenge_id)
+        return web.Response(
+            text=begun.options_json, content_type="application/json", headers=_NO_STORE
+        )
+
     # --- JSON API --------------------------------------------------------------------------
 
     async def status(self, request: web.Request) -> web.Response:
         caller = await self.caller(request)
-        if isinstance(caller, web.Response):
-            return caller
         try:
-            passkeys = await self.service.store.passkeys(caller.identity.user_id)
+            passkeys = await self.service.store.mfa.passkeys(caller.identity.user_id)
             deadline = await self.grace_deadline(caller)
         except StoreUnavailable:
-            return json_error(503, "store_unavailable", "Security checks are unavailable.")
+            raise store_unavailable() from None
         return web.json_response(
             {
                 "methods": methods_json(caller, passkeys),
@@ -247,153 +343,136 @@ class Handlers:
 
     async def totp_begin(self, request: web.Request) -> web.Response:
         caller = await self.writer(request)
-        if isinstance(caller, web.Response):
-            return caller
         if caller.state.totp:
-            return json_error(
+            raise Refusal(
                 409, "already_enrolled", "An authenticator app is already set up; remove it first."
             )
-        if caller.state.enrolled and not self.stepped_up(caller):
-            return self.step_up_required(f"{self.prefix}/setup")
+        self.enrollment_condition(caller)
         account = caller.identity.email or caller.identity.user_id
-        secret, uri, svg = await self.service.begin_totp(caller.identity.user_id, account)
+        secret, uri, svg = await self.service.begin_totp(
+            caller.identity.user_id, account, session_id=session_id(caller.session)
+        )
         return web.json_response(
             {"secret": secret, "otpauth_uri": uri, "qr_svg": svg}, headers=_NO_STORE
         )
 
     async def totp_finish(self, request: web.Request) -> web.Response:
         caller = await self.writer(request)
-        if isinstance(caller, web.Response):
-            return caller
-        data = await self.body(request)
-        if isinstance(data, web.Response):
-            return data
-        code = data.get("code")
-        if not isinstance(code, str):
-            return json_error(400, "bad_request", "Enter the 6-digit code from your app.")
-        first = not caller.state.enrolled
-        if not await self.service.finish_totp(caller.identity.user_id, code, caller.actor):
-            return json_error(
-                400, "invalid_code", "That code didn't match. Check your app and try again."
+        code = await self.code_from(request, "Enter the 6-digit code from your app.")
+        # The same rules as at begin, on the state as it is now.
+        if caller.state.totp:
+            raise Refusal(
+                409, "already_enrolled", "An authenticator app is already set up; remove it first."
             )
-        return await self._enrolled(request, caller, first=first)
+        condition = self.enrollment_condition(caller)
+        user, sid = caller.identity.user_id, session_id(caller.session)
+        pending = await self.service.pending_totp(user, session_id=sid)
+        if pending is None:
+            raise Refusal(
+                409,
+                "enrollment_expired",
+                "This setup expired or was replaced. Start again to get a new QR code.",
+            )
 
-    async def _enrolled(self, request: web.Request, caller: Caller, *, first: bool) -> web.Response:
-        """After a method was added: recovery codes on the first enrollment only (shown
-        once), and a new, verified session."""
-        codes = (
-            await self.service.new_recovery_codes(caller.identity.user_id, caller.actor, first=True)
-            if first
-            else None
-        )
-        return await self._verified_answer(
-            request, caller, {"recovery_codes": codes, "verified": True}
-        )
+        async def check() -> int | None:
+            step = self.service.totp_step(pending.secret, code)
+            if step is None:
+                return None  # a wrong code: counted
+            generation = await self.service.store.mfa.confirm_totp(
+                user,
+                secret=pending.secret,
+                step=step,
+                session_id=sid,
+                issued_after=self.service.pending_cutoff(),
+                expected_generation=condition,
+                now=self.service.now(),
+            )
+            if generation is None:
+                # A right code, but the account changed (enrolled, reset) since the checks
+                # above: nothing was written.
+                raise self.changed_meanwhile()
+            return generation
 
-    def _ceremony(self, caller: Caller, purpose: str, begun: Begun) -> web.Response:
-        """Remember the challenge in the session and answer the options JSON."""
-        remember_challenge(caller.session, purpose, begun.challenge_id)
-        return web.Response(
-            text=begun.options_json, content_type="application/json", headers=_NO_STORE
-        )
+        attempt = await self.service.attempt("totp", caller.actor, check, action="mfa.enrolled")
+        if attempt.generation is None:
+            self.refuse_attempt(attempt, "That code didn't match. Check your app and try again.")
+        await self.service.enrolled(user, caller.actor, "totp")
+        return await self.enrolled_answer(request, caller, attempt.generation)
 
-    async def _verified_answer(
-        self, request: web.Request, caller: Caller, payload: dict[str, Any]
-    ) -> web.Response:
-        """Answer a successful enrollment or verification on a brand-new session."""
-        state = await self.service.state(caller.identity.user_id)
-        session = await mark_verified(
-            request,
-            user=caller.identity.user_id,
-            binding=caller.binding,
-            generation=state.mfa_generation,
-        )
-        payload["csrf_token"] = csrf_token(session)
-        return web.json_response(payload, headers=_NO_STORE)
-
-    async def _verify(
+    async def verify(
         self,
         request: web.Request,
         method: str,
-        check: Callable[[Caller, str], Awaitable[bool]],
+        has_method: Callable[[MfaState], bool],
+        check: Callable[[Caller, str], Awaitable[int | None]],
     ) -> web.Response:
         caller = await self.writer(request)
-        if isinstance(caller, web.Response):
-            return caller
-        data = await self.body(request)
-        if isinstance(data, web.Response):
-            return data
-        code = data.get("code")
-        if not isinstance(code, str) or not code.strip():
-            return json_error(400, "bad_request", "Enter a code.")
+        code = await self.code_from(request, "Enter a code.")
+        if not has_method(caller.state):
+            raise Refusal(409, "not_enrolled", "You have not set up this sign-in method.")
         try:
-            lockout = await self.service.lockout(caller.identity.user_id, caller.actor.client_ip)
-            if lockout.locked_until is not None:
-                self.service.metrics.verifications_total.labels(method, "locked").inc()
-                return _locked(lockout.locked_until.isoformat())
-            if not await check(caller, code):
-                status = await self.service.failed(method, caller.actor)
-                if status.locked_until is not None:
-                    return _locked(status.locked_until.isoformat())
-                return json_error(400, "invalid_code", "That code didn't work. Try again.")
-            await self.service.succeeded(method, caller.actor)
-            left = await self.service.store.recovery_codes_left(caller.identity.user_id)
+            attempt = await self.service.attempt(method, caller.actor, lambda: check(caller, code))
+            if attempt.generation is None:
+                self.refuse_attempt(attempt, "That code didn't work. Try again.")
+            left = await self.service.store.mfa.recovery_codes_left(caller.identity.user_id)
         except StoreUnavailable:
-            return json_error(503, "store_unavailable", "Security checks are unavailable.")
-        return await self._verified_answer(
-            request, caller, {"verified": True, "recovery_codes_left": left}
+            raise store_unavailable() from None
+        return await self.verified_answer(
+            request, caller, attempt.generation, {"verified": True, "recovery_codes_left": left}
         )
 
     async def verify_totp(self, request: web.Request) -> web.Response:
-        async def check(caller: Caller, code: str) -> bool:
-            return await self.service.verify_totp(caller.identity.user_id, code)
+        async def check(caller: Caller, code: str) -> int | None:
+            return await self.service.check_totp(caller.identity.user_id, code)
 
-        return await self._verify(request, "totp", check)
+        return await self.verify(request, "totp", lambda state: state.totp, check)
 
     async def verify_recovery(self, request: web.Request) -> web.Response:
-        async def check(caller: Caller, code: str) -> bool:
-            return await self.service.use_recovery_code(caller.identity.user_id, code, caller.actor)
+        async def check(caller: Caller, code: str) -> int | None:
+            return await self.service.check_recovery_code(
+                caller.identity.user_id, code, caller.actor
+            )
 
-        return await self._verify(request, "recovery_code", check)
+        return await self.verify(
+            request, "recovery_code", lambda state: state.recovery_codes_left > 0, check
+        )
 
     async def regenerate_recovery_codes(self, request: web.Request) -> web.Response:
         caller = await self.writer(request)
-        if isinstance(caller, web.Response):
-            return caller
         if not caller.state.enrolled:
-            return json_error(409, "not_enrolled", "Set up a sign-in method first.")
-        if not self.stepped_up(caller):
-            return self.step_up_required(f"{self.prefix}/security")
+            raise Refusal(409, "not_enrolled", "Set up a sign-in method first.")
+        generation = self.require_step_up(caller, f"{self.prefix}/security")
         codes = await self.service.new_recovery_codes(
-            caller.identity.user_id, caller.actor, first=False
+            caller.identity.user_id, caller.actor, first=False, expected_generation=generation
         )
+        if codes is None:
+            raise self.step_up_required(f"{self.prefix}/security")
         return web.json_response({"recovery_codes": codes}, headers=_NO_STORE)
 
     async def remove_totp(self, request: web.Request) -> web.Response:
         caller = await self.writer(request)
-        if isinstance(caller, web.Response):
-            return caller
         if not caller.state.totp:
-            return json_error(404, "not_found", "No authenticator app is set up.")
-        if not self.stepped_up(caller):
-            return self.step_up_required(f"{self.prefix}/security")
+            raise Refusal(404, "not_found", "No authenticator app is set up.")
+        generation = self.require_step_up(caller, f"{self.prefix}/security")
         if caller.state.passkeys == 0 and self.required(caller.identity):
-            return json_error(
+            raise Refusal(
                 409,
                 "last_method",
                 "Your organization requires MFA: add another method before removing this one.",
             )
-        await self.service.remove_totp(caller.identity.user_id, caller.actor)
-        return await self._verified_answer(request, caller, {"removed": True})
+        new = await self.service.store.mfa.remove_totp(
+            caller.identity.user_id, expected_generation=generation
+        )
+        if new is None:
+            raise self.step_up_required(f"{self.prefix}/security")
+        await self.service.methods_removed(caller.identity.user_id, caller.actor, "totp")
+        return await self.verified_answer(request, caller, new, {"removed": True})
 
     # --- passkeys -------------------------------------------------------------------------
 
     async def passkey_begin(self, request: web.Request) -> web.Response:
         caller = await self.writer(request)
-        if isinstance(caller, web.Response):
-            return caller
-        if caller.state.enrolled and not self.stepped_up(caller):
-            return self.step_up_required(f"{self.prefix}/setup")
+        self.enrollment_condition(caller)
         name = caller.identity.email or caller.identity.user_id
         begun = await self.passkeys.begin_registration(
             user_id=caller.identity.user_id,
@@ -402,20 +481,14 @@ class Handlers:
             session_id=session_id(caller.session),
             now=self.service.now(),
         )
-        return self._ceremony(caller, REGISTER, begun)
+        return self.ceremony(caller, REGISTER, begun)
 
     async def passkey_finish(self, request: web.Request) -> web.Response:
         caller = await self.writer(request)
-        if isinstance(caller, web.Response):
-            return caller
         data = await self.body(request)
-        if isinstance(data, web.Response):
-            return data
         name = data.get("name")
-        first = not caller.state.enrolled
-        if not first and not self.stepped_up(caller):
-            # Checked again here: the account may have been enrolled elsewhere since begin.
-            return self.step_up_required(f"{self.prefix}/setup")
+        # Checked again here: the account may have been enrolled or reset since begin.
+        condition = self.enrollment_condition(caller)
         try:
             record = await self.passkeys.finish_registration(
                 user_id=caller.identity.user_id,
@@ -425,8 +498,15 @@ class Handlers:
                 name=name if isinstance(name, str) else "Passkey",
                 now=self.service.now(),
             )
+            generation = await self.service.store.mfa.add_passkey(
+                record, expected_generation=condition
+            )
+        except ValueError:  # registered concurrently by another request
+            raise Refusal(400, "passkey_failed", "This passkey is already registered.") from None
         except PasskeyError as exc:
-            return json_error(400, "passkey_failed", str(exc))
+            raise Refusal(400, "passkey_failed", str(exc)) from None
+        if generation is None:
+            raise self.changed_meanwhile()
         await self.service.enrolled(
             caller.identity.user_id,
             caller.actor,
@@ -434,15 +514,15 @@ class Handlers:
             name=record.name,
             aaguid=record.aaguid,
         )
-        return await self._enrolled(request, caller, first=first)
+        return await self.enrolled_answer(request, caller, generation)
 
     async def verify_passkey_begin(self, request: web.Request) -> web.Response:
         caller = await self.writer(request)
-        if isinstance(caller, web.Response):
-            return caller
-        lockout = await self.service.lockout(caller.identity.user_id, caller.actor.client_ip)
-        if lockout.locked_until is not None:
-            return _locked(lockout.locked_until.isoformat())
+        if caller.state.passkeys == 0:
+            raise Refusal(409, "not_enrolled", "You have no passkeys yet.")
+        until, by = await self.service.lockout_status(caller.actor)
+        if until is not None:
+            locked(until, by)
         try:
             begun = await self.passkeys.begin_authentication(
                 user_id=caller.identity.user_id,
@@ -450,72 +530,77 @@ class Handlers:
                 now=self.service.now(),
             )
         except PasskeyError as exc:
-            return json_error(409, "no_passkeys", str(exc))
-        return self._ceremony(caller, AUTHENTICATE, begun)
+            raise Refusal(409, "not_enrolled", str(exc)) from None
+        return self.ceremony(caller, AUTHENTICATE, begun)
 
     async def verify_passkey_finish(self, request: web.Request) -> web.Response:
         caller = await self.writer(request)
-        if isinstance(caller, web.Response):
-            return caller
         data = await self.body(request)
-        if isinstance(data, web.Response):
-            return data
-        lockout = await self.service.lockout(caller.identity.user_id, caller.actor.client_ip)
-        if lockout.locked_until is not None:
-            self.service.metrics.verifications_total.labels("passkey", "locked").inc()
-            return _locked(lockout.locked_until.isoformat())
-        try:
-            await self.passkeys.finish_authentication(
-                user_id=caller.identity.user_id,
-                session_id=session_id(caller.session),
-                challenge_id=pop_challenge(caller.session, AUTHENTICATE),
-                credential=data.get("credential"),
-                now=self.service.now(),
+        if caller.state.passkeys == 0:
+            raise Refusal(409, "not_enrolled", "You have no passkeys yet.")
+        challenge_id = pop_challenge(caller.session, AUTHENTICATE)
+        failure: list[str] = []
+
+        async def check() -> int | None:
+            try:
+                return await self.passkeys.finish_authentication(
+                    user_id=caller.identity.user_id,
+                    session_id=session_id(caller.session),
+                    challenge_id=challenge_id,
+                    credential=data.get("credential"),
+                    now=self.service.now(),
+                )
+            except PasskeyError as exc:
+                failure.append(str(exc))
+                return None
+
+        attempt = await self.service.attempt("passkey", caller.actor, check)
+        if attempt.generation is None:
+            if attempt.locked_until is not None:
+                locked(attempt.locked_until, attempt.locked_by)
+            # The challenge was consumed: the session is saved without it.
+            raise Refusal(
+                400,
+                "passkey_failed",
+                failure[0] if failure else "The passkey could not be verified.",
+                attempts_left=attempt.attempts_left,
             )
-        except PasskeyError as exc:
-            status = await self.service.failed("passkey", caller.actor)
-            if status.locked_until is not None:
-                return _locked(status.locked_until.isoformat())
-            # The challenge was consumed: the session must be saved without it.
-            response = json_error(400, "passkey_failed", str(exc))
-            return response
-        await self.service.succeeded("passkey", caller.actor)
-        self.service.forget(caller.identity.user_id)
-        return await self._verified_answer(request, caller, {"verified": True})
+        return await self.verified_answer(request, caller, attempt.generation, {"verified": True})
 
     async def remove_passkey(self, request: web.Request) -> web.Response:
         caller = await self.writer(request)
-        if isinstance(caller, web.Response):
-            return caller
         shown = request.match_info["id"]
         # Never log a full credential id (the access log writes the path).
         request[LOG_PATH] = f"{self.prefix}/api/passkeys/{shown[:6]}..."
         credential_id = credential_id_from(shown)
         mine = [
             p
-            for p in await self.service.store.passkeys(caller.identity.user_id)
+            for p in await self.service.store.mfa.passkeys(caller.identity.user_id)
             if p.credential_id == credential_id
         ]
         if not mine:
-            return json_error(404, "not_found", "No such passkey on your account.")
-        if not self.stepped_up(caller):
-            return self.step_up_required(f"{self.prefix}/security")
+            raise Refusal(404, "not_found", "No such passkey on your account.")
+        generation = self.require_step_up(caller, f"{self.prefix}/security")
         last = caller.state.passkeys == 1 and not caller.state.totp
         if last and self.required(caller.identity):
-            return json_error(
+            raise Refusal(
                 409,
                 "last_method",
                 "Your organization requires MFA: add another method before removing this one.",
             )
         if last and request.query.get("confirm") != "true":
-            return json_error(
+            raise Refusal(
                 409,
                 "confirm_required",
                 "This is your last sign-in method; removing it turns MFA off for you.",
             )
-        await self.service.store.delete_passkey(caller.identity.user_id, mine[0].credential_id)
+        new = await self.service.store.mfa.remove_passkey(
+            caller.identity.user_id, mine[0].credential_id, expected_generation=generation
+        )
+        if new is None:
+            raise self.step_up_required(f"{self.prefix}/security")
         await self.service.methods_removed(caller.identity.user_id, caller.actor, "passkey")
-        return await self._verified_answer(request, caller, {"removed": True})
+        return await self.verified_answer(request, caller, new, {"removed": True})
 
     # --- pages -----------------------------------------------------------------------------
 
@@ -531,15 +616,11 @@ class Handlers:
                 headers=_NO_STORE,
             )
         caller = await self.caller(request)
-        if isinstance(caller, web.Response):
-            return caller
         return web.Response(text=await render(caller), content_type="text/html", headers=_NO_STORE)
 
     async def setup_page(self, request: web.Request) -> web.Response:
         async def render(caller: Caller) -> str:
             deadline = await self.grace_deadline(caller)
-            from datetime import datetime
-
             return pages.render_setup(
                 self.context(request, caller),
                 required=self.required(caller.identity),
@@ -552,23 +633,18 @@ class Handlers:
 
     async def verify_page(self, request: web.Request) -> web.Response:
         async def render(caller: Caller) -> str:
-            lockout = await self.service.lockout(caller.identity.user_id, caller.actor.client_ip)
+            if not caller.state.enrolled:
+                raise web.HTTPSeeOther(
+                    f"{self.prefix}/setup?next={safe_next(request.query.get('next'), self.prefix)}"
+                )
+            until, _ = await self.service.lockout_status(caller.actor)
             return pages.render_verify(
                 self.context(request, caller),
                 has_totp=caller.state.totp,
                 has_passkeys=caller.state.passkeys > 0,
-                locked_until=lockout.locked_until,
+                locked_until=until,
             )
 
-        if (identity := request.get(IDENTITY)) is not None:
-            try:
-                state = await self.service.state(identity.user_id)
-            except StoreUnavailable:
-                return json_error(503, "store_unavailable", "Security checks are unavailable.")
-            if not state.enrolled:
-                raise web.HTTPSeeOther(
-                    f"{self.prefix}/setup?next={safe_next(request.query.get('next'), self.prefix)}"
-                )
         return await self.page(request, render)
 
     async def static(self, request: web.Request) -> web.Response:
@@ -589,12 +665,21 @@ class Handlers:
         return json_error(404, "not_found", "No such sidecar page.")
 
 
-def _locked(until: str) -> web.Response:
-    return json_error(
+def locked(until: datetime, by: str | None) -> NoReturn:
+    """429 while the user (or the client address, ``by="address"``) is locked out."""
+    retry = max(1, int((until - datetime.now(until.tzinfo)).total_seconds()) + 1)
+    message = (
+        "Too many failed attempts from your network address. Try again later."
+        if by == "address"
+        else "Too many failed attempts. Try again later."
+    )
+    raise Refusal(
         429,
         "locked_out",
-        "Too many failed attempts. Try again later.",
-        locked_until=until,
+        message,
+        headers={"Retry-After": str(retry)},
+        locked_until=until.isoformat(),
+        locked_by=by or "user",
     )
 
 

@@ -1,10 +1,17 @@
-"""MFA operations on top of the store: cached state for the gate, enrollment, verification,
-lockout, recovery codes, with their audit records and metrics.
+"""MFA operations on top of the store: cached state for the gate, counted attempts, enrollment,
+recovery codes and resets, with their audit records and metrics.
 
 The gate's questions ("is this user enrolled?", "when did their grace start?") are answered
 from small in-memory caches: a user's MFA state for ``STATE_TTL`` seconds (so a change made on
 another replica is seen within that time; changes made here invalidate at once) and grace
-starts for good (a start never moves once written).
+starts until the policy epochs move. Everything that changes a user's methods or checks a step-up
+reads the store uncached (:meth:`MfaService.fresh_state`), and the store makes each change
+conditional on the generation the caller's session was verified under.
+
+Every secret a user presents (a TOTP code, at verification or when confirming an enrollment; a
+recovery code; a passkey assertion) goes through :meth:`MfaService.attempt`: the attempt is
+reserved in the lockout counters *before* the secret is checked, for the user and for the
+client address (each with its own limit), so no concurrency gets more guesses checked.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
@@ -22,14 +29,22 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from sidecar.audit import AuditLog
 from sidecar.config import Config
 from sidecar.mfa import recovery, totp
-from sidecar.mfa.policy import MfaPolicy, is_required
-from sidecar.store.base import LockoutStatus, MfaState, Store, StoreUnavailable, user_key
+from sidecar.mfa.policy import MfaPolicy, Standing, is_required, running_clock, standing
+from sidecar.store.base import (
+    GraceEpochs,
+    MfaState,
+    PendingTotp,
+    Store,
+    StoreUnavailable,
+)
 
 log = logging.getLogger("sidecar.mfa")
 
 STATE_TTL = 5.0
 TOUCH_EVERY = 300.0
 MAX_CACHED_USERS = 50_000
+#: How long a TOTP secret shown for enrollment may be confirmed.
+PENDING_TOTP_SECONDS = 600.0
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -87,10 +102,36 @@ class MfaMetrics:
 
 @dataclass(frozen=True, slots=True)
 class Actor:
-    """Who does something, for audit records."""
+    """Who does something, for audit records and lockout counters."""
 
     user: str
     client_ip: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """How a counted attempt went. ``generation``: the user's MFA generation the success
+    counts for (the session is verified under it). When refused or failed, ``locked_until``
+    is set if the user or address is now banned (``locked_by``: ``user`` or ``address``), and
+    ``attempts_left`` says how many more the tightest counter allows in this window."""
+
+    generation: int | None
+    locked_until: datetime | None = None
+    locked_by: str | None = None
+    attempts_left: int = 0
+    checked: bool = True  # False: refused before the secret was looked at
+
+    @property
+    def ok(self) -> bool:
+        return self.generation is not None
+
+
+def user_lockout_key(user_id: str) -> str:
+    return f"user:{user_id}"
+
+
+def address_lockout_key(client_ip: str) -> str:
+    return f"ip:{client_ip}"
 
 
 class MfaService:
@@ -111,7 +152,7 @@ class MfaService:
         self._clock = clock
         self._monotonic = monotonic
         self._states: _Lru[str, tuple[float, MfaState]] = _Lru(MAX_CACHED_USERS)
-        self._grace: _Lru[tuple[str, int], datetime] = _Lru(MAX_CACHED_USERS)
+        self._grace: _Lru[tuple[str, bool, int], datetime] = _Lru(MAX_CACHED_USERS)
         self._touched: _Lru[str, float] = _Lru(MAX_CACHED_USERS)
         self._code_key = recovery.hashing_key(config.storage.encryption_key)
 
@@ -121,111 +162,168 @@ class MfaService:
     # --- what the gate asks ----------------------------------------------------------------
 
     async def state(self, user_id: str) -> MfaState:
-        """The user's MFA state, cached for STATE_TTL; raises StoreUnavailable."""
-        key = user_key(user_id)
-        cached = self._states.get(key)
+        """The user's MFA state, cached for STATE_TTL (the gate); raises StoreUnavailable."""
+        cached = self._states.get(user_id)
         now = self._monotonic()
         if cached is not None and now - cached[0] < STATE_TTL:
             return cached[1]
-        state = await self.store.mfa_state(key)
-        self._states.put(key, (now, state))
+        return await self.fresh_state(user_id)
+
+    async def fresh_state(self, user_id: str) -> MfaState:
+        """The user's MFA state read from the store now (step-up checks, method changes)."""
+        state = await self.store.mfa.state(user_id)
+        self._states.put(user_id, (self._monotonic(), state))
         return state
 
     def forget(self, user_id: str) -> None:
-        self._states.pop(user_key(user_id))
+        self._states.pop(user_id)
 
-    async def grace_started(self, user_id: str, epoch: int) -> datetime:
-        key = (user_key(user_id), epoch)
+    async def grace_started(
+        self, user_id: str, *, epochs: GraceEpochs, privileged: bool
+    ) -> datetime:
+        key = (user_id, privileged, epochs.of(privileged))
         start = self._grace.get(key)
         if start is None:
-            start = await self.store.grace_started(key[0], epoch, self.now())
+            start = await self.store.users.grace_started(
+                user_id, epochs=epochs, privileged=privileged, now=self.now()
+            )
             self._grace.put(key, start)
         return start
 
     async def touch(self, user_id: str, *, email: str | None, role: str | None) -> None:
         """Remember the user (for the Security page preview and the gauges), at most every
         few minutes per user."""
-        key = user_key(user_id)
         now = self._monotonic()
-        last = self._touched.get(key)
+        last = self._touched.get(user_id)
         if last is not None and now - last < TOUCH_EVERY:
             return
         try:
-            await self.store.touch_user(user_id, email=email, role=role, now=self.now())
+            await self.store.users.touch(user_id, email=email, role=role, now=self.now())
         except StoreUnavailable as exc:
             # Bookkeeping only (the Security page preview, the gauges): never a reason to
             # refuse a request that could otherwise be decided. Tried again next time.
             log.warning("could not record the user as seen: %s", exc)
             return
-        self._touched.put(key, now)
+        self._touched.put(user_id, now)
 
-    # --- lockout ---------------------------------------------------------------------------
+    # --- counted attempts ------------------------------------------------------------------
 
-    @staticmethod
-    def lockout_keys(user_id: str, client_ip: str | None) -> list[str]:
-        keys = [f"user:{user_key(user_id)}"]
-        if client_ip:
-            keys.append(f"ip:{client_ip}")
-        return keys
-
-    async def lockout(self, user_id: str, client_ip: str | None) -> LockoutStatus:
-        return await self.store.lockout_status(self.lockout_keys(user_id, client_ip), self.now())
-
-    async def failed(self, method: str, actor: Actor) -> LockoutStatus:
+    def lockout_limits(self, actor: Actor) -> dict[str, int]:
         lockout = self.config.mfa.lockout
-        status = await self.store.record_failure(
-            self.lockout_keys(actor.user, actor.client_ip),
+        limits = {user_lockout_key(actor.user): lockout.max_failures}
+        if actor.client_ip:
+            limits[address_lockout_key(actor.client_ip)] = lockout.max_failures_per_address
+        return limits
+
+    async def lockout_status(self, actor: Actor) -> tuple[datetime | None, str | None]:
+        """Until when (and by which counter) the actor is locked out now, if at all."""
+        now = self.now()
+        user = await self.store.lockout.status([user_lockout_key(actor.user)], now)
+        if user.locked_until is not None:
+            return user.locked_until, "user"
+        if actor.client_ip:
+            address = await self.store.lockout.status([address_lockout_key(actor.client_ip)], now)
+            if address.locked_until is not None:
+                return address.locked_until, "address"
+        return None, None
+
+    async def attempt(
+        self,
+        method: str,
+        actor: Actor,
+        check: Callable[[], Awaitable[int | None]],
+        *,
+        action: str = "mfa.verify",
+    ) -> Attempt:
+        """Reserve an attempt for the actor (user and address), then ``check`` the secret.
+
+        ``check`` returns the generation the success counts for, or None for a wrong secret.
+        A success releases the reservation; a failure stays counted and is audited (with a
+        ``mfa.lockout`` record when it used the last attempt). If ``check`` raises, the
+        attempt stays counted: the secret may have been looked at.
+        """
+        lockout = self.config.mfa.lockout
+        reservation = await self.store.lockout.reserve(
+            self.lockout_limits(actor),
             now=self.now(),
             window_seconds=lockout.window,
-            max_failures=lockout.max_failures,
             ban_seconds=lockout.ban,
         )
+        if not reservation.reserved:
+            self.metrics.verifications_total.labels(method, "locked").inc()
+            until, by = await self.lockout_status(actor)
+            return Attempt(
+                None,
+                locked_until=until or reservation.status.locked_until,
+                locked_by=by or "user",
+                checked=False,
+            )
+        generation = await check()
+        if generation is not None:
+            try:
+                await self.store.lockout.release(reservation)
+            except StoreUnavailable as exc:
+                # The secret was right and is consumed; the user merely keeps one attempt
+                # fewer in this window.
+                log.warning("could not release a lockout reservation: %s", exc)
+            self.metrics.verifications_total.labels(method, "success").inc()
+            await self.audit.record(
+                action, actor=actor.user, client_ip=actor.client_ip, method=method
+            )
+            return Attempt(generation)
         self.metrics.verifications_total.labels(method, "failure").inc()
         await self.audit.record(
-            "mfa.verify",
+            action,
             actor=actor.user,
             client_ip=actor.client_ip,
             outcome="failure",
             method=method,
+            reason="wrong_secret",
         )
-        if status.locked_until is not None:
-            await self.audit.record(
-                "mfa.lockout",
-                actor=actor.user,
-                client_ip=actor.client_ip,
-                outcome="locked",
-                method=method,
-                locked_until=status.locked_until.isoformat(),
-                failures=status.failures,
-            )
-        return status
-
-    async def succeeded(self, method: str, actor: Actor) -> None:
-        await self.store.clear_failures([f"user:{user_key(actor.user)}"])
-        self.metrics.verifications_total.labels(method, "success").inc()
+        banned = [k for k in reservation.keys if k.banned_by_this]
+        if not banned:
+            return Attempt(None, attempts_left=reservation.attempts_left())
+        locked_by = "user" if any(k.key.startswith("user:") for k in banned) else "address"
         await self.audit.record(
-            "mfa.verify", actor=actor.user, client_ip=actor.client_ip, method=method
+            "mfa.lockout",
+            actor=actor.user,
+            client_ip=actor.client_ip,
+            outcome="locked",
+            method=method,
+            scope=locked_by,
+            locked_until=reservation.status.locked_until,
+            failures=max(k.failures for k in banned),
         )
+        return Attempt(None, locked_until=reservation.status.locked_until, locked_by=locked_by)
 
     # --- TOTP ------------------------------------------------------------------------------
 
-    async def begin_totp(self, user_id: str, account: str) -> tuple[str, str, str]:
-        """A new pending secret: (secret, otpauth URI, QR as inline SVG)."""
+    async def begin_totp(
+        self, user_id: str, account: str, *, session_id: str
+    ) -> tuple[str, str, str]:
+        """A new pending secret bound to the session: (secret, otpauth URI, QR as SVG)."""
         secret = totp.new_secret()
-        await self.store.set_pending_totp(user_key(user_id), secret, self.now())
+        await self.store.mfa.begin_totp(user_id, secret, session_id=session_id, now=self.now())
         uri = totp.provisioning_uri(secret, account=account, issuer=self.config.mfa.rp_name)
         return secret, uri, totp.qr_svg(uri)
 
-    async def finish_totp(self, user_id: str, code: str, actor: Actor) -> bool:
-        key = user_key(user_id)
-        secret = await self.store.pending_totp(key)
-        if secret is None:
-            return False
-        step = totp.matching_step(secret, code, now=self.now().timestamp())
-        if step is None or not await self.store.confirm_totp(key, secret, step, self.now()):
-            return False
-        await self.enrolled(user_id, actor, "totp")
-        return True
+    async def pending_totp(self, user_id: str, *, session_id: str) -> PendingTotp | None:
+        """The secret this session is enrolling, unless it expired or was discarded."""
+        pending = await self.store.mfa.pending_totp(user_id)
+        if (
+            pending is None
+            or pending.session_id != session_id
+            or pending.created_at <= self.pending_cutoff()
+        ):
+            return None
+        return pending
+
+    def pending_cutoff(self) -> datetime:
+        return self.now() - timedelta(seconds=PENDING_TOTP_SECONDS)
+
+    def totp_step(self, secret: str, code: str) -> int | None:
+        """The time step ``code`` is valid for under ``secret`` now, or None."""
+        return totp.matching_step(secret, code, now=self.now().timestamp())
 
     async def enrolled(self, user_id: str, actor: Actor, method: str, **details: Any) -> None:
         """After a method was added: fresh state, the metric, the audit record."""
@@ -235,24 +333,18 @@ class MfaService:
             "mfa.enrolled", actor=actor.user, client_ip=actor.client_ip, method=method, **details
         )
 
-    async def verify_totp(self, user_id: str, code: str) -> bool:
-        """True for a correct code whose time step was never accepted before."""
-        key = user_key(user_id)
-        record = await self.store.totp(key)
+    async def check_totp(self, user_id: str, code: str) -> int | None:
+        """The generation for a correct code whose time step was never accepted before."""
+        record = await self.store.mfa.totp(user_id)
         if record is None:
-            return False
-        step = totp.matching_step(record.secret, code, now=self.now().timestamp())
-        return step is not None and await self.store.accept_totp_step(key, step, self.now())
-
-    async def remove_totp(self, user_id: str, actor: Actor) -> bool:
-        removed = await self.store.delete_totp(user_key(user_id))
-        if removed:
-            await self.methods_removed(user_id, actor, "totp")
-        return removed
+            return None
+        step = self.totp_step(record.secret, code)
+        if step is None:
+            return None
+        return await self.store.mfa.accept_totp_step(user_id, step, self.now())
 
     async def methods_removed(self, user_id: str, actor: Actor, method: str) -> None:
-        """After a method was removed: end verified sessions elsewhere, audit it."""
-        await self.store.bump_mfa_generation(user_key(user_id))
+        """After a method was removed (the store ended other sessions): audit it."""
         self.forget(user_id)
         await self.audit.record(
             "mfa.removed",
@@ -264,12 +356,20 @@ class MfaService:
 
     # --- recovery codes --------------------------------------------------------------------
 
-    async def new_recovery_codes(self, user_id: str, actor: Actor, *, first: bool) -> list[str]:
+    async def new_recovery_codes(
+        self, user_id: str, actor: Actor, *, first: bool, expected_generation: int
+    ) -> list[str] | None:
+        """A fresh set (shown once), or None when the generation moved meanwhile."""
         codes = recovery.generate()
         hashes = [recovery.code_hash(self._code_key, c) for c in codes]
-        await self.store.replace_recovery_codes(
-            user_key(user_id), [h for h in hashes if h is not None], self.now()
+        saved = await self.store.mfa.replace_recovery_codes(
+            user_id,
+            [h for h in hashes if h is not None],
+            expected_generation=expected_generation,
+            now=self.now(),
         )
+        if not saved:
+            return None
         self.forget(user_id)
         await self.audit.record(
             "mfa.recovery_codes.issued" if first else "mfa.recovery_codes.regenerated",
@@ -279,32 +379,28 @@ class MfaService:
         )
         return codes
 
-    async def use_recovery_code(self, user_id: str, code: str, actor: Actor) -> bool:
+    async def check_recovery_code(self, user_id: str, code: str, actor: Actor) -> int | None:
         digest = recovery.code_hash(self._code_key, code)
         if digest is None:
-            return False
-        used = await self.store.use_recovery_code(user_key(user_id), digest, self.now())
-        if used:
+            return None
+        generation = await self.store.mfa.use_recovery_code(user_id, digest, self.now())
+        if generation is not None:
             self.forget(user_id)
-            left = await self.store.recovery_codes_left(user_key(user_id))
+            left = await self.store.mfa.recovery_codes_left(user_id)
             await self.audit.record(
                 "mfa.recovery_code.used",
                 actor=actor.user,
                 client_ip=actor.client_ip,
                 remaining=left,
             )
-        return used
+        return generation
 
     # --- admin -----------------------------------------------------------------------------
 
     async def reset(self, user_id: str, actor: Actor) -> bool:
-        """Remove every method of a member (admin reset, break-glass CLI)."""
-        key = user_key(user_id)
-        removed = await self.store.delete_totp(key)
-        for passkey in await self.store.passkeys(key):
-            removed = await self.store.delete_passkey(key, passkey.credential_id) or removed
-        await self.store.replace_recovery_codes(key, [], self.now())
-        await self.store.bump_mfa_generation(key)
+        """Remove every method of a member (admin reset, break-glass CLI), in one
+        transaction that first moves the generation (every verified session ends)."""
+        removed, _ = await self.store.mfa.reset(user_id)
         self.forget(user_id)
         await self.audit.record(
             "mfa.reset",
@@ -317,27 +413,47 @@ class MfaService:
 
     # --- rollout gauges --------------------------------------------------------------------
 
-    async def refresh_user_gauges(
-        self, *, policy: MfaPolicy, epoch: int, grace_period: float
-    ) -> dict[str, int]:
-        """Count known users: enrolled, required-in-grace, required-and-overdue."""
-        counts = {"enrolled": 0, "grace": 0, "overdue": 0}
-        starts = await self.store.grace_starts(epoch)
-        enrolled = await self.store.enrolled_user_keys()
+    async def standings(
+        self,
+        *,
+        policy: MfaPolicy,
+        epochs: GraceEpochs,
+        grace_period: float,
+    ) -> dict[str, Standing]:
+        """Every known user's standing under ``policy`` with ``epochs`` (the live ones, or
+        those a proposed change would produce): one query per table."""
+        roles = {r.casefold() for r in self.config.identity.admin_roles}
+        records = await self.store.users.grace_records()
+        enrolled = await self.store.mfa.enrolled_users()
         now = self.now()
-        admin_roles = {r.casefold() for r in self.config.identity.admin_roles}
-        for user in await self.store.list_users():
-            if user.user_id in enrolled:
-                counts["enrolled"] += 1
-                continue
-            privileged = (user.role or "").casefold() in admin_roles
-            if not is_required(policy, privileged):
-                continue
-            start = starts.get(user.user_id)
-            if start is None or now < start + timedelta(seconds=grace_period):
-                counts["grace"] += 1
-            else:
-                counts["overdue"] += 1
+        period = timedelta(seconds=grace_period)
+        out: dict[str, Standing] = {}
+        for user in await self.store.users.all():
+            privileged = (user.role or "").casefold() in roles
+            out[user.user_id] = standing(
+                policy=policy,
+                privileged=privileged,
+                enrolled=user.user_id in enrolled,
+                grace_started=running_clock(
+                    records.get(user.user_id), epochs, privileged=privileged
+                )
+                if is_required(policy, privileged)
+                else None,
+                grace_period=period,
+                now=now,
+            )
+        return out
+
+    async def refresh_user_gauges(
+        self, *, policy: MfaPolicy, epochs: GraceEpochs, grace_period: float
+    ) -> dict[str, int]:
+        """``sidecar_mfa_users{state}``: enrolled, required-in-grace, required-and-overdue."""
+        counts = {"enrolled": 0, "grace": 0, "overdue": 0}
+        for user_standing in (
+            await self.standings(policy=policy, epochs=epochs, grace_period=grace_period)
+        ).values():
+            if user_standing.value in counts:
+                counts[user_standing.value] += 1
         for state_name, count in counts.items():
             self.metrics.users.labels(state_name).set(count)
         return counts

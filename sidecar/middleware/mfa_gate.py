@@ -60,7 +60,11 @@ def mfa_gate_middleware(
         path = request.path
         if is_under(path, prefix):
             request[DECISION] = Decision.SIDECAR
-            return await handler(request)
+            try:
+                return await handler(request)
+            except StoreUnavailable as exc:
+                # Any sidecar page or API call that needed the store: 503, never a 500.
+                return _store_down(request, str(exc))
         identity = request.get(IDENTITY)
         # Exemptions match the raw path (what the console receives): request.path has %2F
         # decoded, and "/static/..%2Fsettings" must not count as static.
@@ -77,7 +81,9 @@ def mfa_gate_middleware(
             policy = MfaPolicy(current.mfa_policy)
             grace_started = None
             if needs_grace_start(policy=policy, privileged=privileged, enrolled=state.enrolled):
-                grace_started = await service.grace_started(identity.user_id, current.policy_epoch)
+                grace_started = await service.grace_started(
+                    identity.user_id, epochs=current.grace_epochs, privileged=privileged
+                )
             await service.touch(identity.user_id, email=identity.email, role=identity.role)
         except StoreUnavailable as exc:
             return _store_down(request, str(exc))

@@ -1,30 +1,39 @@
 """Persistence behind one interface (``Store``), on SQLite or PostgreSQL.
 
 ``open_store(config.storage.url, config.storage.encryption_key)`` gives the store; call
-``await store.migrate()`` at start and ``await store.close()`` at shutdown.
+``await store.migrate()`` at start and ``await store.close()`` at shutdown. Its tables are
+reached by aggregate: ``store.users``, ``store.mfa``, ``store.lockout``, ``store.settings``,
+``store.audit``.
 """
 
 from __future__ import annotations
 
 from sidecar.store.base import (
     AuditEntry,
+    GraceEpochs,
+    GraceRecord,
     LockoutStatus,
     MfaState,
     PasskeyRecord,
+    PendingTotp,
+    Reservation,
     SecuritySettings,
     Store,
     StoreUnavailable,
     TotpRecord,
     UserRecord,
-    user_key,
 )
 from sidecar.store.sql import SqlStore
 
 __all__ = [
     "AuditEntry",
+    "GraceEpochs",
+    "GraceRecord",
     "LockoutStatus",
     "MfaState",
     "PasskeyRecord",
+    "PendingTotp",
+    "Reservation",
     "SecuritySettings",
     "SqlStore",
     "Store",
@@ -32,7 +41,6 @@ __all__ = [
     "TotpRecord",
     "UserRecord",
     "open_store",
-    "user_key",
 ]
 
 

@@ -1,17 +1,30 @@
 """The persistence interface: everything the sidecar keeps between requests and replicas.
 
-One interface, two implementations sharing schema and queries (SQLite embedded, PostgreSQL for
-several replicas). Every single-use operation (a TOTP time step, a recovery code, a WebAuthn
-challenge) is one atomic conditional statement, so two replicas or two concurrent requests can
-never both succeed. Times are timezone-aware UTC ``datetime`` values from the caller (the
-server clock), never taken inside the store, so behaviour is testable; a naive ``datetime``
-is a caller error (``ValueError``).
+One store, reached by aggregate (``store.users``, ``store.mfa``, ``store.lockout``,
+``store.settings``, ``store.audit``), each behind a small protocol; one implementation for
+SQLite (embedded) and PostgreSQL (several replicas) sharing schema and queries.
 
-User ids are compared case-insensitively: the store keys users by ``user_key(id)``.
+Promises every implementation keeps:
+
+- **User ids are exact.** Every piece of state is keyed by the id the console reports, byte
+  for byte: no case folding, trimming or Unicode normalisation (``kate`` and ``KATE`` are two
+  users, as they are to the console).
+- **Single use is atomic.** A TOTP time step, a recovery code, a WebAuthn challenge and a
+  lockout attempt are each consumed or reserved by one conditional statement, so two
+  replicas or two concurrent requests can never both succeed past a limit.
+- **Method changes are conditional.** Adding or removing a user's MFA method happens in one
+  transaction that also checks the user's MFA generation (or, for a first enrollment, that
+  the user has no method yet); a reset bumps the generation and removes everything in one
+  transaction. A change racing a reset therefore either happens before it (and is removed by
+  it) or is refused.
+- Times are timezone-aware UTC ``datetime`` values from the caller (the server clock), never
+  taken inside the store; a naive ``datetime`` is a caller error (``ValueError``). Database
+  failures are :class:`StoreUnavailable`: callers fail closed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -21,15 +34,12 @@ class StoreUnavailable(Exception):
     """The database cannot be reached or failed; callers fail closed."""
 
 
-def user_key(user_id: str) -> str:
-    """The canonical form of a user id for storage and counting (case-insensitive)."""
-    return user_id.strip().casefold()
+# --- records ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class UserRecord:
-    user_id: str  # the canonical key (user_key)
-    display_id: str  # as the console reported it the last time
+    user_id: str  # exactly as the console reports it
     email: str | None
     role: str | None
     first_seen: datetime
@@ -38,11 +48,44 @@ class UserRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class GraceEpochs:
+    """How many times a policy change has started or lifted the MFA requirement, for
+    privileged users (``admins``) and for everyone else (``members``).
+
+    A stored grace clock belongs to the epochs current when it started; it still runs when
+    the epoch of the user's group has not moved since (policy edits that leave the user
+    required never renew it), and starts anew once it has (the requirement was lifted and
+    re-imposed, or newly imposed).
+    """
+
+    admins: int
+    members: int
+
+    def of(self, privileged: bool) -> int:
+        return self.admins if privileged else self.members
+
+
+@dataclass(frozen=True, slots=True)
+class GraceRecord:
+    started_at: datetime
+    epochs: GraceEpochs
+
+
+@dataclass(frozen=True, slots=True)
 class TotpRecord:
     secret: str  # decrypted base32 secret
     last_step: int | None  # the last accepted time step (replay guard)
     created_at: datetime
     last_used_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class PendingTotp:
+    """A secret shown for enrollment, not confirmed yet."""
+
+    secret: str
+    session_id: str  # the sidecar session that began the enrollment
+    created_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +120,34 @@ class MfaState:
 @dataclass(frozen=True, slots=True)
 class LockoutStatus:
     locked_until: datetime | None  # set while banned
-    failures: int  # failures inside the current window
+    failures: int  # failures (and attempts in flight) inside the current window
+
+
+@dataclass(frozen=True, slots=True)
+class ReservedKey:
+    key: str
+    window_start: datetime  # the window the attempt was counted in
+    failures: int  # the count including this attempt
+    limit: int
+    banned_by_this: bool  # this attempt used the last one: the key is banned unless it succeeds
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """The answer to "may one more secret be checked?": either every key counted one more
+    attempt (``reserved``), or none did and ``status`` says until when they are locked."""
+
+    reserved: bool
+    status: LockoutStatus
+    keys: tuple[ReservedKey, ...] = ()
+
+    @property
+    def banned_by_this(self) -> bool:
+        return any(k.banned_by_this for k in self.keys)
+
+    def attempts_left(self) -> int:
+        """Attempts still allowed in the window after this one (the tightest key)."""
+        return min((k.limit - k.failures for k in self.keys), default=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +158,7 @@ class SecuritySettings:
     grace_period_seconds: float
     ip_allowlist: tuple[str, ...]
     ip_denylist: tuple[str, ...]
-    policy_epoch: int  # incremented whenever the policy is tightened: grace clocks restart
+    grace_epochs: GraceEpochs  # moved by policy changes that start or lift a requirement
     version: int  # incremented on every change (optimistic concurrency, replica polling)
     updated_by: str | None
     updated_at: datetime
@@ -108,79 +178,93 @@ class AuditEntry:
     hash: str
 
 
-class Store(Protocol):
-    # lifecycle ---------------------------------------------------------------------------
-    async def migrate(self) -> None:
-        """Create or upgrade the schema (versioned migrations, applied at start). Safe to run
-        from several processes at once; refuses (StoreUnavailable) a schema newer than the
-        code."""
+@dataclass(frozen=True, slots=True)
+class RekeyedUser:
+    """A user whose MFA state was re-keyed from a case-folded key to the exact id (migration
+    to exact ids): other ids that folded to ``old_key`` shared this state until then."""
 
-    async def ping(self) -> None:
-        """Raise StoreUnavailable when the database cannot answer (for /readyz)."""
+    old_key: str
+    new_id: str
+    rekeyed_at: datetime
 
-    async def close(self) -> None: ...
 
-    # users and grace ---------------------------------------------------------------------
-    async def touch_user(
+# --- protocols, by aggregate -----------------------------------------------------------------
+
+
+class UserStore(Protocol):
+    async def touch(
         self, user_id: str, *, email: str | None, role: str | None, now: datetime
     ) -> UserRecord:
         """Insert or update the user's last-seen details; returns the record."""
 
-    async def list_users(self) -> list[UserRecord]: ...
+    async def all(self) -> list[UserRecord]:
+        """Every user ever seen, ordered by id."""
 
-    async def grace_started(self, user_id: str, epoch: int, now: datetime) -> datetime:
-        """When the user's grace clock for ``epoch`` started; starts it at ``now`` if this is
-        the first time (insert-if-absent, so concurrent replicas agree on one start)."""
+    async def grace_started(
+        self, user_id: str, *, epochs: GraceEpochs, privileged: bool, now: datetime
+    ) -> datetime:
+        """When the user's current grace clock started: the stored start while the epoch of
+        the user's group (``epochs.of(privileged)``) has not moved since, else a new clock at
+        ``now``. Concurrent first calls on any replica agree on one start."""
 
-    async def grace_starts(self, epoch: int) -> dict[str, datetime]:
-        """All grace starts for one epoch (user key -> start), for previews and gauges."""
+    async def grace_records(self) -> dict[str, GraceRecord]:
+        """Every stored grace clock (user id -> record), for previews and gauges."""
 
-    async def mfa_state(self, user_id: str) -> MfaState: ...
+    async def rekeyed(self) -> list[RekeyedUser]:
+        """Users re-keyed by the migration to exact ids (``sidecar store check``)."""
 
-    async def enrolled_user_keys(self) -> set[str]:
-        """Keys of every user with a TOTP or passkey method (one query, for gauges and the
-        Security page preview)."""
 
-    async def bump_mfa_generation(self, user_id: str) -> int:
-        """Invalidate verified sessions of the user (after a reset or method removal); returns
-        the new generation. Works for any user id, recorded by ``touch_user`` or not."""
+class MfaStore(Protocol):
+    """A user's MFA methods. ``expected_generation`` on a change: an ``int`` is the generation
+    the caller's session was verified under (refused when it moved); ``None`` means a first
+    enrollment (refused when the user has a method by then). Changes return the user's
+    generation after the change (the one a session may now be verified under), or ``None``
+    when refused."""
 
-    # TOTP -------------------------------------------------------------------------------
-    async def set_pending_totp(self, user_id: str, secret: str, now: datetime) -> None:
-        """Remember a secret shown for enrollment until it is confirmed (replaces any)."""
+    async def state(self, user_id: str) -> MfaState: ...
 
-    async def pending_totp(self, user_id: str) -> str | None: ...
+    async def enrolled_users(self) -> set[str]:
+        """Ids of every user with a TOTP or passkey method (one query)."""
 
-    async def confirm_totp(self, user_id: str, secret: str, step: int, now: datetime) -> bool:
-        """Make ``secret`` the user's TOTP method, with ``step`` as the last accepted time
-        step, if it is still the pending one; clears the pending secret."""
+    async def reset(self, user_id: str) -> tuple[bool, int]:
+        """Bump the generation, then remove every method, code, pending enrollment and
+        ceremony of the user, in one transaction; (anything removed, new generation)."""
+
+    # TOTP
+    async def begin_totp(
+        self, user_id: str, secret: str, *, session_id: str, now: datetime
+    ) -> None:
+        """Remember a secret shown for enrollment (replaces any earlier one)."""
+
+    async def pending_totp(self, user_id: str) -> PendingTotp | None: ...
+
+    async def confirm_totp(
+        self,
+        user_id: str,
+        *,
+        secret: str,
+        step: int,
+        session_id: str,
+        issued_after: datetime,
+        expected_generation: int | None,
+        now: datetime,
+    ) -> int | None:
+        """Make the pending ``secret`` the user's TOTP method with ``step`` as the last
+        accepted time step, if it is still pending for ``session_id``, was begun after
+        ``issued_after``, the user has no TOTP method and the generation condition holds."""
 
     async def totp(self, user_id: str) -> TotpRecord | None: ...
 
-    async def accept_totp_step(self, user_id: str, step: int, now: datetime) -> bool:
-        """Atomically record ``step`` as used: true only if no step >= it was accepted
-        before (``UPDATE ... WHERE last_step IS NULL OR last_step < :step``)."""
+    async def accept_totp_step(self, user_id: str, step: int, now: datetime) -> int | None:
+        """Atomically record ``step`` as used if no step >= it was accepted before; the
+        generation the verification counts for, or None."""
 
-    async def delete_totp(self, user_id: str) -> bool: ...
+    async def remove_totp(self, user_id: str, *, expected_generation: int) -> int | None: ...
 
-    # recovery codes ---------------------------------------------------------------------
-    async def replace_recovery_codes(
-        self, user_id: str, code_hashes: list[bytes], now: datetime
-    ) -> None:
-        """Store a fresh set, invalidating every earlier code of the user."""
-
-    async def use_recovery_code(self, user_id: str, code_hash: bytes, now: datetime) -> bool:
-        """Atomically mark one unused code as used; true for exactly one caller."""
-
-    async def recovery_codes_left(self, user_id: str) -> int: ...
-
-    # passkeys ---------------------------------------------------------------------------
-    async def user_handle(self, user_id: str) -> bytes:
-        """A stable random WebAuthn user handle for the user (created on first use)."""
-
-    async def user_for_handle(self, handle: bytes) -> str | None: ...
-
-    async def add_passkey(self, record: PasskeyRecord) -> None:
+    # passkeys
+    async def add_passkey(
+        self, record: PasskeyRecord, *, expected_generation: int | None
+    ) -> int | None:
         """Store a new credential. A credential id already registered (to anyone) raises
         ``ValueError`` and changes nothing: credential ids are public, and overwriting one
         would hand its owner's sign-in to whoever registered it again."""
@@ -189,7 +273,7 @@ class Store(Protocol):
 
     async def passkey(self, credential_id: bytes) -> PasskeyRecord | None: ...
 
-    async def update_passkey_use(
+    async def record_passkey_use(
         self,
         credential_id: bytes,
         *,
@@ -197,14 +281,33 @@ class Store(Protocol):
         new_sign_count: int,
         backup_state: bool,
         now: datetime,
-    ) -> bool:
-        """Record a use if the stored sign count is still ``old_sign_count`` (atomic)."""
+    ) -> int | None:
+        """Record a use if the stored sign count is still ``old_sign_count`` (atomic); the
+        owner's generation the verification counts for, or None."""
 
-    async def delete_passkey(self, user_id: str, credential_id: bytes) -> bool: ...
+    async def remove_passkey(
+        self, user_id: str, credential_id: bytes, *, expected_generation: int
+    ) -> int | None: ...
 
     async def rename_passkey(self, user_id: str, credential_id: bytes, name: str) -> bool: ...
 
-    # WebAuthn challenges ----------------------------------------------------------------
+    # recovery codes
+    async def replace_recovery_codes(
+        self, user_id: str, code_hashes: list[bytes], *, expected_generation: int, now: datetime
+    ) -> bool:
+        """Store a fresh set, invalidating every earlier code, if the generation holds."""
+
+    async def use_recovery_code(self, user_id: str, code_hash: bytes, now: datetime) -> int | None:
+        """Atomically mark one unused code as used; the generation for exactly one caller."""
+
+    async def recovery_codes_left(self, user_id: str) -> int: ...
+
+    # WebAuthn
+    async def user_handle(self, user_id: str) -> bytes:
+        """A stable random WebAuthn user handle for the user (created on first use)."""
+
+    async def user_for_handle(self, handle: bytes) -> str | None: ...
+
     async def put_challenge(
         self,
         challenge_id: str,
@@ -222,43 +325,49 @@ class Store(Protocol):
         """Delete and return the challenge if it matches user, session and purpose and has not
         expired; at most one caller ever gets it."""
 
-    # lockout ----------------------------------------------------------------------------
-    async def lockout_status(self, keys: list[str], now: datetime) -> LockoutStatus:
-        """The strictest status over ``keys`` (e.g. ``user:alice`` and ``ip:203.0.113.9``)."""
 
-    async def record_failure(
+class LockoutStore(Protocol):
+    """Failed-verification counters per key (``user:<id>``, ``ip:<address>``), shared by
+    replicas. An attempt is *reserved* before its secret is checked: at most ``limit``
+    attempts per key are ever checked in a window, whatever the concurrency."""
+
+    async def status(self, keys: list[str], now: datetime) -> LockoutStatus:
+        """The strictest status over ``keys``."""
+
+    async def reserve(
         self,
-        keys: list[str],
+        limits: Mapping[str, int],
         *,
         now: datetime,
         window_seconds: float,
-        max_failures: int,
         ban_seconds: float,
-    ) -> LockoutStatus:
-        """Count one failure against each key (failures older than the window expire); a key
-        reaching ``max_failures`` is banned until ``now + ban``. Returns the strictest.
+    ) -> Reservation:
+        """Count one attempt against every key (``{key: limit}``) in one transaction, or
+        against none when any key is banned or full. The attempt that uses a key's last
+        slot bans it until ``now + ban``. The window is fixed: it opens at a key's first
+        attempt and lasts ``window_seconds``; after it (or after a served ban) a new one
+        opens. A failed attempt needs nothing more: it stays counted."""
 
-        The window is fixed: it opens at a key's first failure and lasts ``window_seconds``
-        (as configured then); the next failure after it, or after a served ban, opens a new
-        one. Failures during a ban are counted but do not extend it."""
+    async def release(self, reservation: Reservation) -> None:
+        """The reserved attempt succeeded: uncount it (in its window) and lift a ban it
+        set. Earlier failures in the window stay counted."""
 
-    async def clear_failures(self, keys: list[str]) -> None:
-        """Forget the keys' failures and bans (e.g. the user key after a success)."""
 
-    # security settings ------------------------------------------------------------------
-    async def settings(self) -> SecuritySettings | None: ...
+class SettingsStore(Protocol):
+    async def current(self) -> SecuritySettings | None: ...
 
-    async def settings_version(self) -> int:
+    async def version(self) -> int:
         """The current version (0 when never written): cheap, for replicas polling."""
 
-    async def save_settings(
+    async def save(
         self, new: SecuritySettings, *, expected_version: int
     ) -> SecuritySettings | None:
         """Write ``new`` as version ``expected_version + 1`` if the stored version is still
         ``expected_version`` (0 = never written); else None (someone else changed it)."""
 
-    # audit ------------------------------------------------------------------------------
-    async def append_audit(
+
+class AuditStore(Protocol):
+    async def append(
         self,
         *,
         time: datetime,
@@ -272,7 +381,7 @@ class Store(Protocol):
         """Append a record chained to the previous one by hash (serialized across
         replicas), returning it with its sequence number and hash."""
 
-    async def audit_entries(
+    async def entries(
         self,
         *,
         limit: int,
@@ -282,5 +391,32 @@ class Store(Protocol):
     ) -> list[AuditEntry]:
         """Newest first."""
 
-    async def all_audit_entries(self) -> list[AuditEntry]:
+    async def all(self) -> list[AuditEntry]:
         """Oldest first, for verifying the chain."""
+
+
+class Store(Protocol):
+    @property
+    def users(self) -> UserStore: ...
+
+    @property
+    def mfa(self) -> MfaStore: ...
+
+    @property
+    def lockout(self) -> LockoutStore: ...
+
+    @property
+    def settings(self) -> SettingsStore: ...
+
+    @property
+    def audit(self) -> AuditStore: ...
+
+    async def migrate(self) -> None:
+        """Create or upgrade the schema (versioned migrations, applied at start). Safe to run
+        from several processes at once; refuses (StoreUnavailable) a schema newer than the
+        code."""
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable when the database cannot answer (for /readyz)."""
+
+    async def close(self) -> None: ...

@@ -11,8 +11,10 @@ have transactional DDL, so a failed step leaves nothing behind.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from sqlalchemy import (
     BigInteger,
@@ -27,9 +29,13 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
+    text,
 )
 
 from sidecar.store.schema import UtcDateTime
+
+log = logging.getLogger("sidecar.store")
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +174,125 @@ def _v1_initial(conn: Connection) -> None:
     md.create_all(conn, checkfirst=False)
 
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema", _v1_initial),)
+# Tables whose rows belong to one user, by the user's key.
+_USER_TABLES = (
+    "users",
+    "user_mfa",
+    "grace",
+    "totp",
+    "pending_totp",
+    "recovery_codes",
+    "passkeys",
+    "challenges",
+)
+
+
+def _v2_exact_ids_and_grace_epochs(conn: Connection) -> None:
+    """Exact user ids; grace clocks per user with the epochs they started under.
+
+    Version 1 keyed every user's state by ``id.strip().casefold()``, so ``kate``, ``KATE`` and
+    look-alikes (``\u212aate``) shared one MFA record. Each folded key is re-keyed to the exact
+    id the console last reported for it (``users.display_id``); the re-keyed users are kept in
+    ``rekeyed_users`` and logged: other spellings that folded to the same key shared that
+    state until now and enroll their own. Keys without a ``users`` row stay as they are.
+    Pending TOTP secrets and lockout counters are short-lived and are dropped.
+    """
+    now = datetime.now(UTC)
+    md = MetaData()
+    rekeyed = Table(
+        "rekeyed_users",
+        md,
+        Column("old_key", String, primary_key=True),
+        Column("new_id", String, nullable=False),
+        Column("rekeyed_at", UtcDateTime, nullable=False),
+    )
+    md.create_all(conn, checkfirst=False)
+    pairs = conn.execute(
+        text("SELECT user_key, display_id FROM users WHERE user_key <> display_id")
+    ).all()
+    for old, new in pairs:
+        moved = []
+        for table in _USER_TABLES:
+            clash = conn.execute(
+                text(f"SELECT 1 FROM {table} WHERE user_key = :new LIMIT 1"),  # noqa: S608
+                {"new": new},
+            ).first()
+            if clash is not None:
+                log.warning(
+                    "migration to exact user ids: %s already holds rows for %r; rows of the "
+                    "folded key %r stay under it",
+                    table,
+                    new,
+                    old,
+                )
+                continue
+            result = conn.execute(
+                text(f"UPDATE {table} SET user_key = :new WHERE user_key = :old"),  # noqa: S608
+                {"new": new, "old": old},
+            )
+            if result.rowcount:
+                moved.append(table)
+        conn.execute(rekeyed.insert().values(old_key=old, new_id=new, rekeyed_at=now))
+        log.warning(
+            "migration to exact user ids: the MFA state kept under %r now belongs to %r (the "
+            "id last seen); other ids that differ only in case, spaces or look-alike letters "
+            "shared it until now and must enroll their own (`sidecar store check` lists these)",
+            old,
+            new,
+        )
+    conn.execute(text("ALTER TABLE users DROP COLUMN display_id"))
+
+    # Grace: the clock of the epoch that was current becomes the user's one clock.
+    row = conn.execute(text("SELECT policy_epoch FROM security_settings WHERE id = 1")).first()
+    epoch = row[0] if row is not None else None
+    grace_md = MetaData()
+    Table(
+        "grace_v2",
+        grace_md,
+        Column("user_key", String, primary_key=True),
+        Column("started_at", UtcDateTime, nullable=False),
+        Column("admins_epoch", Integer, nullable=False),
+        Column("members_epoch", Integer, nullable=False),
+    )
+    grace_md.create_all(conn, checkfirst=False)
+    if epoch is not None:
+        conn.execute(
+            text(
+                "INSERT INTO grace_v2 (user_key, started_at, admins_epoch, members_epoch) "
+                "SELECT user_key, started_at, 0, 0 FROM grace WHERE epoch = :epoch"
+            ).bindparams(bindparam("epoch", epoch))
+        )
+    conn.execute(text("DROP TABLE grace"))
+    conn.execute(text("ALTER TABLE grace_v2 RENAME TO grace"))
+    conn.execute(text("ALTER TABLE security_settings DROP COLUMN policy_epoch"))
+    for column in ("admins_epoch", "members_epoch"):
+        conn.execute(
+            text(f"ALTER TABLE security_settings ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+        )
+
+    # Pending TOTP secrets are bound to the session that began them from now on.
+    conn.execute(text("DROP TABLE pending_totp"))
+    pending_md = MetaData()
+    Table(
+        "pending_totp",
+        pending_md,
+        Column("user_key", String, primary_key=True),
+        Column("secret_encrypted", Text, nullable=False),  # Fernet token
+        Column("session_id", String, nullable=False),
+        Column("created_at", UtcDateTime, nullable=False),
+    )
+    pending_md.create_all(conn, checkfirst=False)
+    conn.execute(text("DELETE FROM lockout"))  # keyed by folded ids; counters are short-lived
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial schema", _v1_initial),
+    Migration(
+        2,
+        "exact user ids, grace epochs, pending TOTP bound to a session",
+        _v2_exact_ids_and_grace_epochs,
+    ),
+)
 
 #: The schema version this code expects.
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -77,8 +77,7 @@ schema_version = Table(
 users = Table(
     "users",
     metadata,
-    Column("user_key", String, primary_key=True),
-    Column("display_id", String, nullable=False),
+    Column("user_key", String, primary_key=True),  # the exact id the console reports
     Column("email", String),
     Column("role", String),
     Column("first_seen", UtcDateTime, nullable=False),
@@ -96,12 +95,14 @@ user_mfa = Table(
     Column("webauthn_handle", LargeBinary, unique=True),
 )
 
+# One grace clock per user, with the policy epochs it started under (see GraceEpochs).
 grace = Table(
     "grace",
     metadata,
     Column("user_key", String, primary_key=True),
-    Column("epoch", Integer, primary_key=True, autoincrement=False),
     Column("started_at", UtcDateTime, nullable=False),
+    Column("admins_epoch", Integer, nullable=False),
+    Column("members_epoch", Integer, nullable=False),
 )
 
 totp = Table(
@@ -119,6 +120,7 @@ pending_totp = Table(
     metadata,
     Column("user_key", String, primary_key=True),
     Column("secret_encrypted", Text, nullable=False),  # Fernet token
+    Column("session_id", String, nullable=False),  # the sidecar session that began it
     Column("created_at", UtcDateTime, nullable=False),
 )
 
@@ -181,10 +183,11 @@ security_settings = Table(
     Column("grace_period_seconds", Float, nullable=False),
     Column("ip_allowlist", Text, nullable=False),  # JSON list of strings
     Column("ip_denylist", Text, nullable=False),  # JSON list of strings
-    Column("policy_epoch", Integer, nullable=False),
     Column("version", Integer, nullable=False),
     Column("updated_by", String),
     Column("updated_at", UtcDateTime, nullable=False),
+    Column("admins_epoch", Integer, nullable=False),
+    Column("members_epoch", Integer, nullable=False),
 )
 
 audit = Table(
@@ -202,4 +205,14 @@ audit = Table(
     Column("hash", String(64), nullable=False),
     Index("ix_audit_action_seq", "action", "seq"),
     Index("ix_audit_actor_seq", "actor", "seq"),
+)
+
+# Written once by the migration to exact user ids (version 2): which case-folded keys were
+# re-keyed to which exact id, for `sidecar store check`.
+rekeyed_users = Table(
+    "rekeyed_users",
+    metadata,
+    Column("old_key", String, primary_key=True),
+    Column("new_id", String, nullable=False),
+    Column("rekeyed_at", UtcDateTime, nullable=False),
 )

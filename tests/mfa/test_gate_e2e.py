@@ -348,7 +348,7 @@ async def test_store_unreachable_gives_503_and_recovers(
     async def broken(*args: object, **kwargs: object) -> Any:
         raise StoreUnavailable("connection refused")
 
-    monkeypatch.setattr(store, "mfa_state", broken)
+    monkeypatch.setattr(store.mfa, "state", broken)
     service.forget("u-carol")
     response = await client.get("/", headers=XHR)
     assert response.status == 503

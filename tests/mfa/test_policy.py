@@ -1,10 +1,10 @@
 """The MFA policy verdict (DESIGN pipeline step 5): who passes, who gets grace, who must act.
 
 First one table over every policy, role, enrollment, session and grace state, then the grace
-rules as short stories told through :func:`decide` and a fake of the grace store (a dict keyed
-by ``(user, policy epoch)`` with insert-if-absent, which is the contract the real store keeps).
-Policy changes go through :func:`sidecar.settings.next_settings`, so the epochs are the ones
-the sidecar would really use.
+rules as short stories told through :func:`decide` and a fake of the grace store (one clock per
+user with the epochs it started under, restarted when the epoch of the user's group has moved:
+the contract ``UserStore.grace_started`` keeps). Policy changes go through
+:func:`sidecar.settings.next_settings`, so the epochs are the ones the sidecar would really use.
 """
 
 from __future__ import annotations
@@ -19,13 +19,16 @@ from sidecar.decision import Decision
 from sidecar.mfa.policy import (
     MfaPolicy,
     MfaVerdict,
+    Standing,
     decide,
     is_required,
-    is_tightening,
     needs_grace_start,
+    next_grace_epochs,
+    running_clock,
+    standing,
 )
 from sidecar.settings import next_settings
-from sidecar.store.base import SecuritySettings
+from sidecar.store.base import GraceEpochs, GraceRecord, SecuritySettings
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 PERIOD = timedelta(hours=72)
@@ -162,28 +165,97 @@ def test_is_required(policy: MfaPolicy, privileged: bool, required: bool) -> Non
     assert is_required(policy, privileged) is required
 
 
-TIGHTENING = [
-    (MfaPolicy.OPTIONAL, MfaPolicy.OPTIONAL, False),
-    (MfaPolicy.OPTIONAL, MfaPolicy.ADMINS, True),
-    (MfaPolicy.OPTIONAL, MfaPolicy.ALL, True),
-    (MfaPolicy.ADMINS, MfaPolicy.OPTIONAL, False),
-    (MfaPolicy.ADMINS, MfaPolicy.ADMINS, False),
-    (MfaPolicy.ADMINS, MfaPolicy.ALL, True),
-    (MfaPolicy.ALL, MfaPolicy.OPTIONAL, False),
-    (MfaPolicy.ALL, MfaPolicy.ADMINS, False),
-    (MfaPolicy.ALL, MfaPolicy.ALL, False),
+# (old, new) -> which group's epoch moves: a change that starts or lifts the group's requirement.
+EPOCH_MOVES = [
+    (MfaPolicy.OPTIONAL, MfaPolicy.OPTIONAL, (0, 0)),
+    (MfaPolicy.OPTIONAL, MfaPolicy.ADMINS, (1, 0)),
+    (MfaPolicy.OPTIONAL, MfaPolicy.ALL, (1, 1)),
+    (MfaPolicy.ADMINS, MfaPolicy.OPTIONAL, (1, 0)),
+    (MfaPolicy.ADMINS, MfaPolicy.ADMINS, (0, 0)),
+    (MfaPolicy.ADMINS, MfaPolicy.ALL, (0, 1)),
+    (MfaPolicy.ALL, MfaPolicy.OPTIONAL, (1, 1)),
+    (MfaPolicy.ALL, MfaPolicy.ADMINS, (0, 1)),
+    (MfaPolicy.ALL, MfaPolicy.ALL, (0, 0)),
 ]
 
 
 @pytest.mark.parametrize(
-    ("old", "new", "tightening"),
+    ("old", "new", "moves"),
     [
-        pytest.param(*row, id=f"{row[0]} -> {row[1]}: {'tightening' if row[2] else 'not'}")
-        for row in TIGHTENING
+        pytest.param(*row, id=f"{row[0]} -> {row[1]}: admins+{row[2][0]} members+{row[2][1]}")
+        for row in EPOCH_MOVES
     ],
 )
-def test_is_tightening(old: MfaPolicy, new: MfaPolicy, tightening: bool) -> None:
-    assert is_tightening(old, new) is tightening
+def test_grace_epochs_move_when_a_group_is_newly_required_or_released(
+    old: MfaPolicy, new: MfaPolicy, moves: tuple[int, int]
+) -> None:
+    assert next_grace_epochs(old, new, GraceEpochs(4, 7)) == GraceEpochs(4 + moves[0], 7 + moves[1])
+
+
+@pytest.mark.parametrize(
+    ("stored", "privileged", "runs"),
+    [
+        pytest.param(GraceEpochs(2, 5), True, True, id="admin, same epochs: runs"),
+        pytest.param(GraceEpochs(2, 4), True, True, id="admin, members moved: runs"),
+        pytest.param(GraceEpochs(1, 5), True, False, id="admin, admins moved: restarts"),
+        pytest.param(GraceEpochs(1, 5), False, True, id="member, admins moved: runs"),
+        pytest.param(GraceEpochs(2, 4), False, False, id="member, members moved: restarts"),
+        pytest.param(GraceEpochs(3, 6), False, True, id="written by a newer replica: runs"),
+    ],
+)
+def test_a_clock_runs_while_its_groups_epoch_stands(
+    stored: GraceEpochs, privileged: bool, runs: bool
+) -> None:
+    record = GraceRecord(NOW, stored)
+    expected = NOW if runs else None
+    assert running_clock(record, GraceEpochs(2, 5), privileged=privileged) == expected
+    assert running_clock(None, GraceEpochs(2, 5), privileged=privileged) is None
+
+
+@pytest.mark.parametrize(
+    ("policy", "privileged", "enrolled", "started", "expected"),
+    [
+        (MfaPolicy.ALL, False, True, None, Standing.ENROLLED),
+        (MfaPolicy.ADMINS, False, False, None, Standing.NOT_REQUIRED),
+        (MfaPolicy.ADMINS, True, False, NOW - HOUR, Standing.GRACE),
+        (MfaPolicy.ADMINS, True, False, NOW - PERIOD, Standing.OVERDUE),
+        (MfaPolicy.ALL, False, False, None, Standing.GRACE),  # a clock would start now
+    ],
+)
+def test_standing_matches_the_verdict(
+    policy: MfaPolicy,
+    privileged: bool,
+    enrolled: bool,
+    started: datetime | None,
+    expected: Standing,
+) -> None:
+    assert (
+        standing(
+            policy=policy,
+            privileged=privileged,
+            enrolled=enrolled,
+            grace_started=started,
+            grace_period=PERIOD,
+            now=NOW,
+        )
+        is expected
+    )
+    # The gate's verdict for the same user says the same (an unverified enrolled user aside).
+    verdict = decide(
+        policy=policy,
+        privileged=privileged,
+        enrolled=enrolled,
+        verified=True,
+        grace_started=started or NOW,
+        grace_period=PERIOD,
+        now=NOW,
+    ).decision
+    assert {
+        Standing.ENROLLED: ALLOWED,
+        Standing.NOT_REQUIRED: ALLOWED,
+        Standing.GRACE: GRACE,
+        Standing.OVERDUE: SETUP,
+    }[expected] is verdict
 
 
 @pytest.mark.parametrize(
@@ -233,12 +305,19 @@ def test_needs_grace_start_is_exactly_when_decide_needs_it(
 
 @dataclass
 class FakeGraceStore:
-    """The store's grace contract: the first start recorded for (user, epoch) wins."""
+    """The store's grace contract: one clock per user, kept while the epoch of the user's
+    group has not moved since it started, else started anew."""
 
-    starts: dict[tuple[str, int], datetime] = field(default_factory=dict)
+    starts: dict[str, GraceRecord] = field(default_factory=dict)
 
-    def start_for(self, user: str, epoch: int, now: datetime) -> datetime:
-        return self.starts.setdefault((user, epoch), now)
+    def start_for(
+        self, user: str, epochs: GraceEpochs, *, privileged: bool, now: datetime
+    ) -> datetime:
+        started = running_clock(self.starts.get(user), epochs, privileged=privileged)
+        if started is None:
+            self.starts[user] = GraceRecord(now, epochs)
+            started = now
+        return started
 
 
 @dataclass
@@ -273,7 +352,9 @@ class Org:
         privileged = role == "admin"
         started = None
         if needs_grace_start(policy=policy, privileged=privileged, enrolled=enrolled):
-            started = self.store.start_for(user, self.settings.policy_epoch, at)
+            started = self.store.start_for(
+                user, self.settings.grace_epochs, privileged=privileged, now=at
+            )
         return decide(
             policy=policy,
             privileged=privileged,
@@ -331,10 +412,10 @@ def test_each_user_has_their_own_clock() -> None:
 
 def test_shortening_the_grace_period_applies_at_once() -> None:
     org = Org.with_policy("all")
-    epoch = org.settings.policy_epoch
+    epochs = org.settings.grace_epochs
     assert org.request("u-carol", role="member", at=T0).decision is GRACE
     org.change(grace=timedelta(hours=24))
-    assert org.settings.policy_epoch == epoch  # not a tightening: same clocks
+    assert org.settings.grace_epochs == epochs  # no requirement changed: same clocks
     verdict = org.request("u-carol", role="member", at=T0 + 30 * HOUR)
     assert verdict == MfaVerdict(SETUP, T0 + 24 * HOUR)
 
@@ -364,39 +445,69 @@ def test_editing_other_settings_does_not_restart_clocks() -> None:
     assert verdict == MfaVerdict(SETUP, T0 + PERIOD)
 
 
-def test_tightening_starts_new_clocks() -> None:
+def test_a_policy_change_starts_clocks_only_for_users_it_newly_requires() -> None:
     org = Org.with_policy("optional")
-    epochs = [org.settings.policy_epoch]
     # Optional: nobody is required, and no clock starts for anybody.
     assert org.request("u-bob", role="admin", at=T0).decision is ALLOWED
     assert org.store.starts == {}
 
     t1 = T0 + 100 * HOUR
     org.change(policy="admins")
-    epochs.append(org.settings.policy_epoch)
     assert org.request("u-bob", role="admin", at=t1) == MfaVerdict(GRACE, t1 + PERIOD)
     assert org.request("u-carol", role="member", at=t1).decision is ALLOWED
 
-    # Bob's grace under `admins` runs out; then `all` is a new requirement with new clocks,
-    # for members (first time required) and admins alike.
+    # Bob's grace under `admins` runs out. `all` newly requires members, with new clocks;
+    # Bob was required before and after: his deadline stays where it was.
     t2 = t1 + PERIOD + HOUR
     assert org.request("u-bob", role="admin", at=t2).decision is SETUP
     org.change(policy="all")
-    epochs.append(org.settings.policy_epoch)
     assert org.request("u-carol", role="member", at=t2) == MfaVerdict(GRACE, t2 + PERIOD)
-    assert org.request("u-bob", role="admin", at=t2) == MfaVerdict(GRACE, t2 + PERIOD)
+    assert org.request("u-bob", role="admin", at=t2) == MfaVerdict(SETUP, t1 + PERIOD)
 
-    assert epochs[0] < epochs[1] < epochs[2]
+
+def test_policy_edits_that_keep_a_user_required_never_renew_grace() -> None:
+    org = Org.with_policy("admins")
+    assert org.request("u-bob", role="admin", at=T0) == MfaVerdict(GRACE, T0 + PERIOD)
+    # admins -> all -> admins, over and over: bob stays required, his deadline never moves.
+    for i, policy in enumerate(["all", "admins", "all", "admins"], start=1):
+        org.change(policy=policy)
+        at = T0 + i * 10 * HOUR
+        assert org.request("u-bob", role="admin", at=at) == MfaVerdict(GRACE, T0 + PERIOD)
+    assert org.request("u-bob", role="admin", at=T0 + PERIOD).decision is SETUP
+
+
+def test_a_requirement_lifted_and_reimposed_starts_a_new_clock() -> None:
+    org = Org.with_policy("all")
+    assert org.request("u-carol", role="member", at=T0) == MfaVerdict(GRACE, T0 + PERIOD)
+    org.change(policy="admins")  # lifted for members
+    assert org.request("u-carol", role="member", at=T0 + HOUR).decision is ALLOWED
+    t1 = T0 + 10 * PERIOD
+    org.change(policy="all")  # re-imposed: a new clock, from when it is first seen again
+    assert org.request("u-carol", role="member", at=t1) == MfaVerdict(GRACE, t1 + PERIOD)
+
+    # The same for an admin through `optional`.
+    org = Org.with_policy("admins")
+    org.request("u-bob", role="admin", at=T0)
+    org.change(policy="optional")
+    org.change(policy="admins")
+    assert org.request("u-bob", role="admin", at=t1) == MfaVerdict(GRACE, t1 + PERIOD)
+
+
+def test_a_demoted_admin_newly_required_as_a_member_gets_a_new_clock() -> None:
+    org = Org.with_policy("admins")
+    org.request("u-bob", role="admin", at=T0)
+    # Demoted, then the policy newly requires members: the change required him anew.
+    org.change(policy="all")
+    t1 = T0 + 10 * PERIOD
+    assert org.request("u-bob", role="member", at=t1) == MfaVerdict(GRACE, t1 + PERIOD)
 
 
 def test_loosening_does_not_start_new_clocks() -> None:
     org = Org.with_policy("all")
-    epoch = org.settings.policy_epoch
     org.request("u-bob", role="admin", at=T0)
     org.request("u-carol", role="member", at=T0)
 
     org.change(policy="admins")
-    assert org.settings.policy_epoch == epoch
     t1 = T0 + 10 * HOUR
     assert org.request("u-carol", role="member", at=t1).decision is ALLOWED
     # Bob was required all along: loosening for members gives him no fresh grace.
@@ -404,7 +515,6 @@ def test_loosening_does_not_start_new_clocks() -> None:
     assert org.request("u-bob", role="admin", at=T0 + PERIOD).decision is SETUP
 
     org.change(policy="optional")
-    assert org.settings.policy_epoch == epoch
     assert org.request("u-bob", role="admin", at=T0 + PERIOD).decision is ALLOWED
 
 

@@ -25,7 +25,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from sidecar.store import schema
+from sidecar.store import PasskeyRecord, schema
 from sidecar.store.sql import SqlStore, async_url
 
 StoreKind = Literal["sqlite", "postgresql"]
@@ -117,3 +117,14 @@ async def open_test_store(kind: StoreKind, tmp_path: Path) -> AsyncIterator[SqlS
             yield store
         finally:
             await store.close()
+
+
+async def add_passkey(store: SqlStore, record: PasskeyRecord) -> int:
+    """Add a passkey as an enrolled, verified session would (conditional on the current
+    generation, or as a first enrollment); the generation it was added under."""
+    state = await store.mfa.state(record.user_id)
+    generation = await store.mfa.add_passkey(
+        record, expected_generation=state.mfa_generation if state.enrolled else None
+    )
+    assert generation is not None
+    return generation

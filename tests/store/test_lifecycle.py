@@ -13,7 +13,10 @@ from cryptography.fernet import Fernet
 from sqlalchemy import Connection, inspect, select, text
 
 from sidecar.store import (
+    GraceEpochs,
+    LockoutStatus,
     PasskeyRecord,
+    Reservation,
     SecuritySettings,
     SqlStore,
     Store,
@@ -21,6 +24,14 @@ from sidecar.store import (
     open_store,
 )
 from sidecar.store import schema as tables
+from sidecar.store.base import (
+    AuditStore,
+    LockoutStore,
+    MfaStore,
+    ReservedKey,
+    SettingsStore,
+    UserStore,
+)
 from sidecar.store.migrations import LATEST_VERSION
 from sidecar.store.sql import async_url
 from tests.store.support import StoreTarget, postgres_url
@@ -74,13 +85,13 @@ async def test_migrate_creates_the_schema_once(empty_target: StoreTarget) -> Non
         assert await store.schema_version() == 0
         await store.migrate()
         assert await store.schema_version() == LATEST_VERSION
-        await store.touch_user("alice", email=None, role=None, now=T0)
+        await store.users.touch("alice", email=None, role=None, now=T0)
 
         await store.migrate()  # a no-op, keeping the data
         async with store.engine.connect() as conn:
             versions = (await conn.execute(select(tables.schema_version.c.version))).all()
         assert [v for (v,) in versions] == list(range(1, LATEST_VERSION + 1))
-        assert [u.user_id for u in await store.list_users()] == ["alice"]
+        assert [u.user_id for u in await store.users.all()] == ["alice"]
     finally:
         await store.close()
 
@@ -148,7 +159,7 @@ async def test_sqlite_connections_are_configured(tmp_path: Path) -> None:
 
 async def test_naive_datetimes_are_a_caller_error(store: SqlStore) -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
-        await store.touch_user("alice", email=None, role=None, now=datetime(2030, 1, 1))
+        await store.users.touch("alice", email=None, role=None, now=datetime(2030, 1, 1))
 
 
 # Unavailability ----------------------------------------------------------------------------
@@ -166,8 +177,7 @@ PASSKEY = PasskeyRecord(
     created_at=T0,
     last_used_at=None,
 )
-SETTINGS = SecuritySettings("all", 1.0, (), (), 1, 0, None, T0)
-LOCKOUT = {"now": T0, "window_seconds": 60.0, "max_failures": 5, "ban_seconds": 60.0}
+SETTINGS = SecuritySettings("all", 1.0, (), (), GraceEpochs(0, 0), 0, None, T0)
 AUDIT = {
     "time": T0,
     "actor": None,
@@ -177,55 +187,78 @@ AUDIT = {
     "outcome": "success",
     "details": "{}",
 }
+E = GraceEpochs(0, 0)
 CALLS: dict[str, Callable[[Store], Awaitable[object]]] = {
     "migrate": lambda s: s.migrate(),
     "ping": lambda s: s.ping(),
-    "touch_user": lambda s: s.touch_user("a", email=None, role=None, now=T0),
-    "list_users": lambda s: s.list_users(),
-    "grace_started": lambda s: s.grace_started("a", 1, T0),
-    "grace_starts": lambda s: s.grace_starts(1),
-    "mfa_state": lambda s: s.mfa_state("a"),
-    "enrolled_user_keys": lambda s: s.enrolled_user_keys(),
-    "bump_mfa_generation": lambda s: s.bump_mfa_generation("a"),
-    "set_pending_totp": lambda s: s.set_pending_totp("a", "S", T0),
-    "pending_totp": lambda s: s.pending_totp("a"),
-    "confirm_totp": lambda s: s.confirm_totp("a", "S", 1, T0),
-    "totp": lambda s: s.totp("a"),
-    "accept_totp_step": lambda s: s.accept_totp_step("a", 1, T0),
-    "delete_totp": lambda s: s.delete_totp("a"),
-    "replace_recovery_codes": lambda s: s.replace_recovery_codes("a", [b"h"], T0),
-    "use_recovery_code": lambda s: s.use_recovery_code("a", b"h", T0),
-    "recovery_codes_left": lambda s: s.recovery_codes_left("a"),
-    "user_handle": lambda s: s.user_handle("a"),
-    "user_for_handle": lambda s: s.user_for_handle(b"h"),
-    "add_passkey": lambda s: s.add_passkey(PASSKEY),
-    "passkeys": lambda s: s.passkeys("a"),
-    "passkey": lambda s: s.passkey(b"c"),
-    "update_passkey_use": lambda s: s.update_passkey_use(
+    "users.touch": lambda s: s.users.touch("a", email=None, role=None, now=T0),
+    "users.all": lambda s: s.users.all(),
+    "users.grace_started": lambda s: s.users.grace_started("a", epochs=E, privileged=True, now=T0),
+    "users.grace_records": lambda s: s.users.grace_records(),
+    "users.rekeyed": lambda s: s.users.rekeyed(),
+    "mfa.state": lambda s: s.mfa.state("a"),
+    "mfa.enrolled_users": lambda s: s.mfa.enrolled_users(),
+    "mfa.reset": lambda s: s.mfa.reset("a"),
+    "mfa.begin_totp": lambda s: s.mfa.begin_totp("a", "S", session_id="s", now=T0),
+    "mfa.pending_totp": lambda s: s.mfa.pending_totp("a"),
+    "mfa.confirm_totp": lambda s: s.mfa.confirm_totp(
+        "a", secret="S", step=1, session_id="s", issued_after=T0, expected_generation=None, now=T0
+    ),
+    "mfa.totp": lambda s: s.mfa.totp("a"),
+    "mfa.accept_totp_step": lambda s: s.mfa.accept_totp_step("a", 1, T0),
+    "mfa.remove_totp": lambda s: s.mfa.remove_totp("a", expected_generation=0),
+    "mfa.add_passkey": lambda s: s.mfa.add_passkey(PASSKEY, expected_generation=None),
+    "mfa.passkeys": lambda s: s.mfa.passkeys("a"),
+    "mfa.passkey": lambda s: s.mfa.passkey(b"c"),
+    "mfa.record_passkey_use": lambda s: s.mfa.record_passkey_use(
         b"c", old_sign_count=0, new_sign_count=1, backup_state=False, now=T0
     ),
-    "delete_passkey": lambda s: s.delete_passkey("a", b"c"),
-    "rename_passkey": lambda s: s.rename_passkey("a", b"c", "n"),
-    "put_challenge": lambda s: s.put_challenge(
+    "mfa.remove_passkey": lambda s: s.mfa.remove_passkey("a", b"c", expected_generation=0),
+    "mfa.rename_passkey": lambda s: s.mfa.rename_passkey("a", b"c", "n"),
+    "mfa.replace_recovery_codes": lambda s: s.mfa.replace_recovery_codes(
+        "a", [b"h"], expected_generation=0, now=T0
+    ),
+    "mfa.use_recovery_code": lambda s: s.mfa.use_recovery_code("a", b"h", T0),
+    "mfa.recovery_codes_left": lambda s: s.mfa.recovery_codes_left("a"),
+    "mfa.user_handle": lambda s: s.mfa.user_handle("a"),
+    "mfa.user_for_handle": lambda s: s.mfa.user_for_handle(b"h"),
+    "mfa.put_challenge": lambda s: s.mfa.put_challenge(
         "c", user_id="a", session_id="s", purpose="p", challenge=b"x", expires_at=T0
     ),
-    "take_challenge": lambda s: s.take_challenge(
+    "mfa.take_challenge": lambda s: s.mfa.take_challenge(
         "c", user_id="a", session_id="s", purpose="p", now=T0
     ),
-    "lockout_status": lambda s: s.lockout_status(["k"], T0),
-    "record_failure": lambda s: s.record_failure(["k"], **LOCKOUT),  # type: ignore[arg-type]
-    "clear_failures": lambda s: s.clear_failures(["k"]),
-    "settings": lambda s: s.settings(),
-    "settings_version": lambda s: s.settings_version(),
-    "save_settings": lambda s: s.save_settings(SETTINGS, expected_version=0),
-    "append_audit": lambda s: s.append_audit(**AUDIT),  # type: ignore[arg-type]
-    "audit_entries": lambda s: s.audit_entries(limit=10),
-    "all_audit_entries": lambda s: s.all_audit_entries(),
+    "lockout.status": lambda s: s.lockout.status(["k"], T0),
+    "lockout.reserve": lambda s: s.lockout.reserve(
+        {"k": 5}, now=T0, window_seconds=60.0, ban_seconds=60.0
+    ),
+    "lockout.release": lambda s: s.lockout.release(
+        Reservation(True, LockoutStatus(None, 1), (ReservedKey("k", T0, 1, 5, False),))
+    ),
+    "settings.current": lambda s: s.settings.current(),
+    "settings.version": lambda s: s.settings.version(),
+    "settings.save": lambda s: s.settings.save(SETTINGS, expected_version=0),
+    "audit.append": lambda s: s.audit.append(**AUDIT),  # type: ignore[arg-type]
+    "audit.entries": lambda s: s.audit.entries(limit=10),
+    "audit.all": lambda s: s.audit.all(),
+}
+
+AGGREGATES = {
+    "users": UserStore,
+    "mfa": MfaStore,
+    "lockout": LockoutStore,
+    "settings": SettingsStore,
+    "audit": AuditStore,
 }
 
 
+def _public(protocol: type) -> set[str]:
+    return {name for name in dir(protocol) if not name.startswith("_")}
+
+
 def test_every_store_method_is_covered() -> None:
-    methods = {name for name in dir(Store) if not name.startswith("_") and name != "close"}
+    methods = {f"{name}.{m}" for name, protocol in AGGREGATES.items() for m in _public(protocol)}
+    methods |= _public(Store) - set(AGGREGATES) - {"close"}
     assert methods == set(CALLS)
 
 
@@ -260,7 +293,7 @@ async def test_an_unusable_sqlite_directory_is_store_unavailable_until_it_works(
         directory.unlink()
         directory.mkdir()
         await store.migrate()  # recovers without a restart
-        assert await store.recovery_codes_left("a") == 0
+        assert await store.mfa.recovery_codes_left("a") == 0
     finally:
         await store.close()
 
@@ -295,7 +328,7 @@ async def test_errors_do_not_carry_secrets(private_store: SqlStore) -> None:
         await conn.execute(text("DROP TABLE recovery_codes"))
     code_hash = bytes.fromhex("5ec7e75ec7e75ec7e75ec7e75ec7e75e")
     with pytest.raises(StoreUnavailable) as raised:
-        await store.use_recovery_code("alice", code_hash, T0)
+        await store.mfa.use_recovery_code("alice", code_hash, T0)
     for text_form in (str(raised.value), str(raised.value.__cause__)):
         assert "5ec7e7" not in text_form
         assert "\\x5e" not in text_form

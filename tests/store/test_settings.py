@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 from datetime import UTC, datetime, timedelta
 
-from sidecar.store import SecuritySettings, SqlStore
+from sidecar.store import GraceEpochs, SecuritySettings, SqlStore
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -15,7 +15,7 @@ SEED = SecuritySettings(
     grace_period_seconds=72 * 3600.0,
     ip_allowlist=("10.0.0.0/8", "2001:db8::/32"),
     ip_denylist=(),
-    policy_epoch=1,
+    grace_epochs=GraceEpochs(0, 0),
     version=0,
     updated_by=None,
     updated_at=T0,
@@ -23,15 +23,15 @@ SEED = SecuritySettings(
 
 
 async def test_no_settings_until_seeded(store: SqlStore) -> None:
-    assert await store.settings() is None
-    assert await store.settings_version() == 0
+    assert await store.settings.current() is None
+    assert await store.settings.version() == 0
 
 
 async def test_save_round_trips_and_bumps_the_version(store: SqlStore) -> None:
-    saved = await store.save_settings(SEED, expected_version=0)
+    saved = await store.settings.save(SEED, expected_version=0)
     assert saved == dataclasses.replace(SEED, version=1)
-    assert await store.settings() == saved
-    assert await store.settings_version() == 1
+    assert await store.settings.current() == saved
+    assert await store.settings.version() == 1
 
     change = dataclasses.replace(
         SEED,
@@ -39,24 +39,24 @@ async def test_save_round_trips_and_bumps_the_version(store: SqlStore) -> None:
         grace_period_seconds=1.5,
         ip_allowlist=(),
         ip_denylist=("203.0.113.0/24",),
-        policy_epoch=2,
+        grace_epochs=GraceEpochs(1, 3),
         updated_by="alice",
         updated_at=T0 + timedelta(hours=1),
     )
-    second = await store.save_settings(change, expected_version=1)
+    second = await store.settings.save(change, expected_version=1)
     assert second == dataclasses.replace(change, version=2)
-    assert await store.settings() == second
+    assert await store.settings.current() == second
 
 
 async def test_a_save_from_a_stale_version_is_refused(store: SqlStore) -> None:
-    assert await store.save_settings(SEED, expected_version=0) is not None
-    assert await store.save_settings(SEED, expected_version=0) is None  # seeded already
-    assert await store.save_settings(
+    assert await store.settings.save(SEED, expected_version=0) is not None
+    assert await store.settings.save(SEED, expected_version=0) is None  # seeded already
+    assert await store.settings.save(
         dataclasses.replace(SEED, mfa_policy="all"), expected_version=1
     )
-    assert await store.save_settings(SEED, expected_version=1) is None
-    assert await store.save_settings(SEED, expected_version=5) is None
-    current = await store.settings()
+    assert await store.settings.save(SEED, expected_version=1) is None
+    assert await store.settings.save(SEED, expected_version=5) is None
+    current = await store.settings.current()
     assert current is not None
     assert (current.mfa_policy, current.version) == ("all", 2)
 
@@ -64,24 +64,24 @@ async def test_a_save_from_a_stale_version_is_refused(store: SqlStore) -> None:
 async def test_concurrent_saves_from_one_version_one_wins(
     store: SqlStore, replica: SqlStore
 ) -> None:
-    await store.save_settings(SEED, expected_version=0)
+    await store.settings.save(SEED, expected_version=0)
     edits = [dataclasses.replace(SEED, updated_by=f"admin{i}") for i in range(6)]
     results = await asyncio.gather(
-        *((store, replica)[i % 2].save_settings(e, expected_version=1) for i, e in enumerate(edits))
+        *((store, replica)[i % 2].settings.save(e, expected_version=1) for i, e in enumerate(edits))
     )
     winners = [r for r in results if r is not None]
     assert len(winners) == 1
-    assert await replica.settings() == winners[0]
+    assert await replica.settings.current() == winners[0]
 
 
 async def test_concurrent_seeding_one_wins(store: SqlStore, replica: SqlStore) -> None:
     results = await asyncio.gather(
         *(
-            (store, replica)[i % 2].save_settings(
+            (store, replica)[i % 2].settings.save(
                 dataclasses.replace(SEED, updated_by=f"r{i}"), expected_version=0
             )
             for i in range(4)
         )
     )
     assert sum(r is not None for r in results) == 1
-    assert await store.settings_version() == 1
+    assert await store.settings.version() == 1

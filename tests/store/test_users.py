@@ -1,13 +1,17 @@
-"""Users, grace clocks and the per-user MFA summary."""
+"""Users, grace clocks, the per-user MFA summary and resets; ids are exact."""
 
 from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
 
-from sidecar.store import PasskeyRecord, SqlStore
+import pytest
+
+from sidecar.store import GraceEpochs, GraceRecord, PasskeyRecord, SqlStore
+from tests.store.support import add_passkey
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+E0 = GraceEpochs(0, 0)
 
 
 def passkey(user_id: str, credential_id: bytes) -> PasskeyRecord:
@@ -27,97 +31,171 @@ def passkey(user_id: str, credential_id: bytes) -> PasskeyRecord:
 
 
 async def test_touch_user_keeps_first_seen_and_updates_the_rest(store: SqlStore) -> None:
-    first = await store.touch_user("Alice@Example.com", email="a@x", role="member", now=T0)
+    first = await store.users.touch("alice@example.com", email="a@x", role="member", now=T0)
     later = T0 + timedelta(hours=1)
-    second = await store.touch_user(" alice@example.COM", email=None, role="admin", now=later)
+    second = await store.users.touch("alice@example.com", email=None, role="admin", now=later)
 
     assert first.user_id == second.user_id == "alice@example.com"
-    assert second.display_id == " alice@example.COM"
     assert (second.email, second.role) == (None, "admin")
     assert (second.first_seen, second.last_seen) == (T0, later)
     assert second.mfa_generation == 0
-    assert await store.list_users() == [second]
+    assert await store.users.all() == [second]
 
 
-async def test_last_seen_never_moves_backwards(store: SqlStore) -> None:
-    await store.touch_user("bob", email=None, role=None, now=T0 + timedelta(minutes=5))
-    record = await store.touch_user("bob", email=None, role=None, now=T0)
-    assert record.last_seen == T0 + timedelta(minutes=5)
+# Spellings a case-folding, trimming or compatibility-normalising key would merge.
+LOOK_ALIKES = [
+    ("kate", "KATE"),
+    ("kate", "Kate"),
+    ("kate", " kate"),
+    ("kate", "kate\u00a0"),
+    ("kate", "\u212aate"),  # KELVIN SIGN folds to k
+    ("strasse", "stra\u00dfe"),  # casefold: ß -> ss
+    ("sam", "\u017fam"),  # LONG S folds to s
+    ("caf\u00e9", "cafe\u0301"),  # NFC vs NFD
+    ("ab", "\uff41\uff42"),  # fullwidth letters (NFKC)
+]
 
 
-async def test_list_users_sorted_by_key(store: SqlStore) -> None:
-    for name in ("carol", "Alice", "bob"):
-        await store.touch_user(name, email=None, role=None, now=T0)
-    assert [u.user_id for u in await store.list_users()] == ["alice", "bob", "carol"]
+@pytest.mark.parametrize(("one", "other"), LOOK_ALIKES, ids=[repr(b) for _, b in LOOK_ALIKES])
+async def test_user_ids_are_exact_everywhere(store: SqlStore, one: str, other: str) -> None:
+    await store.users.touch(one, email=None, role=None, now=T0)
+    await store.users.touch(other, email=None, role=None, now=T0)
+    assert {u.user_id for u in await store.users.all()} == {one, other}
+
+    await add_passkey(store, passkey(one, b"cred-" + one.encode()))
+    assert (await store.mfa.state(one)).enrolled
+    assert not (await store.mfa.state(other)).enrolled
+    # The look-alike cannot enroll "next to" the other user's factor, nor remove it...
+    assert await store.mfa.passkeys(other) == []
+    assert (
+        await store.mfa.remove_passkey(other, b"cred-" + one.encode(), expected_generation=0)
+        is None
+    )
+    # ...and a reset of one leaves the other alone.
+    await store.mfa.replace_recovery_codes(other, [b"h" * 32], expected_generation=0, now=T0)
+    await store.mfa.reset(one)
+    assert await store.mfa.recovery_codes_left(other) == 1
+    assert (await store.mfa.state(other)).mfa_generation == 0
+    assert await store.mfa.user_handle(one) != await store.mfa.user_handle(other)
 
 
-async def test_grace_start_is_fixed_and_epochs_are_independent(store: SqlStore) -> None:
-    assert await store.grace_started("Alice", 1, T0) == T0
+async def test_list_users_sorted_by_id(store: SqlStore) -> None:
+    for name in ("carol", "alice", "bob"):
+        await store.users.touch(name, email=None, role=None, now=T0)
+    assert [u.user_id for u in await store.users.all()] == ["alice", "bob", "carol"]
+
+
+async def started(
+    store: SqlStore, user: str, at: datetime, epochs: GraceEpochs = E0, privileged: bool = True
+) -> datetime:
+    return await store.users.grace_started(user, epochs=epochs, privileged=privileged, now=at)
+
+
+async def test_a_grace_clock_is_fixed_until_its_groups_epoch_moves(store: SqlStore) -> None:
+    assert await started(store, "alice", T0) == T0
     # Re-login, new sessions, other replicas: the clock never restarts.
-    assert await store.grace_started("alice", 1, T0 + timedelta(days=3)) == T0
-    # A tightened policy (new epoch) starts a new clock; the old one is untouched.
-    assert await store.grace_started("alice", 2, T0 + timedelta(days=1)) == T0 + timedelta(days=1)
-    await store.grace_started("bob", 2, T0 + timedelta(days=2))
-
-    assert await store.grace_starts(1) == {"alice": T0}
-    assert await store.grace_starts(2) == {
-        "alice": T0 + timedelta(days=1),
-        "bob": T0 + timedelta(days=2),
+    assert await started(store, "alice", T0 + timedelta(days=3)) == T0
+    # The members' epoch moving is none of an admin's business.
+    assert await started(store, "alice", T0 + timedelta(days=4), GraceEpochs(0, 3)) == T0
+    # The admins' epoch moved (lifted and re-imposed): a new clock.
+    assert await started(store, "alice", T0 + timedelta(days=5), GraceEpochs(1, 3)) == (
+        T0 + timedelta(days=5)
+    )
+    # A replica still on the old epochs does not undo it.
+    assert await started(store, "alice", T0 + timedelta(days=6), E0) == T0 + timedelta(days=5)
+    assert await store.users.grace_records() == {
+        "alice": GraceRecord(T0 + timedelta(days=5), GraceEpochs(1, 3))
     }
-    assert await store.grace_starts(3) == {}
 
 
-async def test_concurrent_first_grace_calls_agree_on_one_start(
-    store: SqlStore, replica: SqlStore
+async def test_grace_clocks_are_per_exact_user(store: SqlStore) -> None:
+    await started(store, "alice", T0)
+    assert await started(store, "ALICE", T0 + timedelta(days=2)) == T0 + timedelta(days=2)
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["first", "restart"])
+async def test_concurrent_grace_calls_agree_on_one_start(
+    store: SqlStore, replica: SqlStore, restart: bool
 ) -> None:
+    epochs = E0
+    if restart:
+        await started(store, "dave", T0 - timedelta(days=30))
+        epochs = GraceEpochs(0, 1)
     starts = await asyncio.gather(
         *(
-            (store if i % 2 else replica).grace_started("dave", 7, T0 + timedelta(seconds=i))
-            for i in range(8)
+            (store if i % 2 else replica).users.grace_started(
+                "dave", epochs=epochs, privileged=False, now=T0 + timedelta(seconds=i)
+            )
+            for i in range(16)
         )
     )
     assert len(set(starts)) == 1
-    assert await store.grace_starts(7) == {"dave": starts[0]}
+    assert (await store.users.grace_records())["dave"].started_at == starts[0]
 
 
 async def test_mfa_state_counts_methods(store: SqlStore) -> None:
-    assert (await store.mfa_state("erin")).enrolled is False
+    assert (await store.mfa.state("erin")).enrolled is False
 
-    await store.touch_user("erin", email=None, role=None, now=T0)
-    await store.add_passkey(passkey("Erin", b"cred-1"))
-    await store.add_passkey(passkey("erin", b"cred-2"))
-    await store.add_passkey(passkey("frank", b"cred-3"))
-    await store.replace_recovery_codes("erin", [b"h1", b"h2", b"h3"], T0)
-    await store.use_recovery_code("erin", b"h1", T0)
-    await store.set_pending_totp("erin", "JBSWY3DPEHPK3PXP", T0)
+    await store.users.touch("erin", email=None, role=None, now=T0)
+    await add_passkey(store, passkey("erin", b"cred-1"))
+    await add_passkey(store, passkey("erin", b"cred-2"))
+    await add_passkey(store, passkey("frank", b"cred-3"))
+    await store.mfa.replace_recovery_codes(
+        "erin", [b"h1", b"h2", b"h3"], expected_generation=0, now=T0
+    )
+    await store.mfa.use_recovery_code("erin", b"h1", T0)
+    await store.mfa.begin_totp("erin", "JBSWY3DPEHPK3PXP", session_id="s", now=T0)
 
-    state = await store.mfa_state("ERIN")
+    state = await store.mfa.state("erin")
     assert (state.totp, state.passkeys, state.recovery_codes_left) == (False, 2, 2)
     assert state.enrolled
 
-    assert await store.confirm_totp("erin", "JBSWY3DPEHPK3PXP", 100, T0)
-    assert (await store.mfa_state("erin")).totp
+
+async def test_enrolled_users_lists_totp_and_passkey_users_once(store: SqlStore) -> None:
+    assert await store.mfa.enrolled_users() == set()
+    await add_passkey(store, passkey("gina", b"cred-g1"))
+    await add_passkey(store, passkey("gina", b"cred-g2"))
+    await store.mfa.begin_totp("hank", "JBSWY3DPEHPK3PXP", session_id="s", now=T0)
+    assert await store.mfa.enrolled_users() == {"gina"}  # a pending secret is no method
+    assert (
+        await store.mfa.confirm_totp(
+            "hank",
+            secret="JBSWY3DPEHPK3PXP",
+            step=100,
+            session_id="s",
+            issued_after=T0 - timedelta(minutes=1),
+            expected_generation=None,
+            now=T0,
+        )
+        == 0
+    )
+    await store.mfa.replace_recovery_codes("ivy", [b"h1"], expected_generation=0, now=T0)
+    assert await store.mfa.enrolled_users() == {"gina", "hank"}  # codes alone are no method
 
 
-async def test_enrolled_user_keys_lists_totp_and_passkey_users_once(store: SqlStore) -> None:
-    assert await store.enrolled_user_keys() == set()
-    await store.add_passkey(passkey("Gina", b"cred-g1"))
-    await store.add_passkey(passkey("gina", b"cred-g2"))
-    await store.set_pending_totp("hank", "JBSWY3DPEHPK3PXP", T0)
-    assert await store.enrolled_user_keys() == {"gina"}  # a pending secret is no method
-    assert await store.confirm_totp("hank", "JBSWY3DPEHPK3PXP", 100, T0)
-    await store.replace_recovery_codes("ivy", [b"h1"], T0)  # codes alone are no method
-    assert await store.enrolled_user_keys() == {"gina", "hank"}
-
-
-async def test_bump_mfa_generation(store: SqlStore) -> None:
-    await store.touch_user("gina", email=None, role=None, now=T0)
-    assert await store.bump_mfa_generation("Gina") == 1
-    assert await store.bump_mfa_generation("gina") == 2
-    assert (await store.mfa_state("gina")).mfa_generation == 2
-    # The generation survives later visits.
-    assert (await store.touch_user("gina", email=None, role=None, now=T0)).mfa_generation == 2
-    # Also for a user the store has not recorded (e.g. a reset by id from the CLI).
-    assert await store.bump_mfa_generation("Nobody") == 1
-    assert (await store.mfa_state("nobody")).mfa_generation == 1
-    assert (await store.mfa_state("never-bumped")).mfa_generation == 0
+async def test_reset_bumps_the_generation_and_removes_everything(store: SqlStore) -> None:
+    await store.users.touch("gina", email=None, role=None, now=T0)
+    assert await store.mfa.reset("gina") == (False, 1)  # nothing to remove, sessions end
+    await add_passkey(store, passkey("gina", b"cred-g"))
+    await store.mfa.replace_recovery_codes("gina", [b"h1"], expected_generation=1, now=T0)
+    await store.mfa.begin_totp("gina", "JBSWY3DPEHPK3PXP", session_id="s", now=T0)
+    await store.mfa.put_challenge(
+        "ch",
+        user_id="gina",
+        session_id="s",
+        purpose="p",
+        challenge=b"x",
+        expires_at=T0 + timedelta(minutes=2),
+    )
+    assert await store.mfa.reset("gina") == (True, 2)
+    state = await store.mfa.state("gina")
+    assert (state.enrolled, state.recovery_codes_left, state.mfa_generation) == (False, 0, 2)
+    assert await store.mfa.pending_totp("gina") is None
+    assert (
+        await store.mfa.take_challenge("ch", user_id="gina", session_id="s", purpose="p", now=T0)
+        is None
+    )
+    # The generation survives later visits, and works for ids never seen (CLI resets).
+    assert (await store.users.touch("gina", email=None, role=None, now=T0)).mfa_generation == 2
+    assert await store.mfa.reset("Nobody") == (False, 1)
+    assert (await store.mfa.state("never-reset")).mfa_generation == 0
