@@ -18,12 +18,12 @@ believe them either.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from typing import Final
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config import Config
 from sidecar.config import IdentityHeaders as HeaderSettings
+from sidecar.http_fields import OAUTH2_PROXY_HEADERS
 from sidecar.identity.base import (
     Identity,
     IdentityUnavailable,
@@ -32,24 +32,7 @@ from sidecar.identity.base import (
     console_cookies,
     credential_hash,
 )
-
-# What oauth2-proxy can send besides the three configured ones (its --pass-user-headers,
-# --pass-access-token and auth_request --set-xauthrequest modes). Stripped from untrusted
-# peers whatever the source: a console behind the sidecar may believe them too.
-OAUTH2_PROXY_HEADERS: Final = frozenset(
-    {
-        "x-forwarded-user",
-        "x-forwarded-email",
-        "x-forwarded-groups",
-        "x-forwarded-preferred-username",
-        "x-forwarded-access-token",
-        "x-auth-request-user",
-        "x-auth-request-email",
-        "x-auth-request-groups",
-        "x-auth-request-preferred-username",
-        "x-auth-request-access-token",
-    }
-)
+from sidecar.net.forwarding import Forwarding
 
 
 def identity_header_names(config: Config) -> frozenset[str]:
@@ -99,7 +82,10 @@ class HeadersProvider:
             own_cookie=config.mfa.session.cookie_name,
         )
 
-    async def identify(self, headers: CIMultiDictProxy[str], peer_trusted: bool) -> Identity | None:
+    async def identify(
+        self, headers: CIMultiDictProxy[str], peer_trusted: bool, forwarding: Forwarding
+    ) -> Identity | None:
+        del forwarding  # the auth proxy vouched for the user; nothing is asked upstream
         if not peer_trusted:
             return None
         settings = self._settings

@@ -14,7 +14,7 @@ from sidecar.identity import (
     strip_identity_headers,
 )
 from sidecar.identity.headers import HeadersProvider
-from tests.identity.stub_console import SIDECAR_COOKIE, headers, make_config
+from tests.identity.stub_console import FORWARDING, SIDECAR_COOKIE, headers, make_config
 
 USER = ("X-Forwarded-User", "u-alice")
 EMAIL = ("X-Forwarded-Email", "alice@example.com")
@@ -70,7 +70,9 @@ CASES = {
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 async def test_identity_from_headers(case: Case) -> None:
     provider = build_identity_provider(make_config(source="headers"))
-    identity = await provider.identify(headers(*case.lines), peer_trusted=case.peer_trusted)
+    identity = await provider.identify(
+        headers(*case.lines), peer_trusted=case.peer_trusted, forwarding=FORWARDING
+    )
     if case.expected is None:
         assert identity is None
     else:
@@ -89,7 +91,7 @@ AMBIGUOUS = {
 async def test_ambiguous_identity_fails_closed(lines: tuple[tuple[str, str], ...]) -> None:
     provider = HeadersProvider.from_config(make_config(source="headers"))
     with pytest.raises(IdentityUnavailable, match="different"):
-        await provider.identify(headers(*lines), peer_trusted=True)
+        await provider.identify(headers(*lines), peer_trusted=True, forwarding=FORWARDING)
 
 
 async def test_custom_header_names() -> None:
@@ -106,6 +108,7 @@ async def test_custom_header_names() -> None:
             ("Remote-Groups", "owner"),
         ),
         peer_trusted=True,
+        forwarding=FORWARDING,
     )
     assert identity is not None
     assert (identity.user_id, identity.email, identity.role) == (
@@ -119,7 +122,9 @@ async def test_credential_hash_follows_the_asserted_identity() -> None:
     provider = HeadersProvider.from_config(make_config(source="headers"))
 
     async def hash_of(*lines: tuple[str, str]) -> bytes:
-        identity = await provider.identify(headers(*lines), peer_trusted=True)
+        identity = await provider.identify(
+            headers(*lines), peer_trusted=True, forwarding=FORWARDING
+        )
         assert identity is not None
         return identity.credential_hash
 
