@@ -304,6 +304,10 @@ class IdentityHeaders(_Section):
     user: str = "X-Forwarded-User"
     email: str = "X-Forwarded-Email"
     groups: str = "X-Forwarded-Groups"
+    # The auth proxy's session cookie (oauth2-proxy: _oauth2_proxy). When set, its value is
+    # part of the credential the sidecar session binds to, so a new proxy login means a new
+    # MFA verification.
+    session_cookie: CookieName | None = None
 
 
 class Jwt(_Section):
@@ -470,6 +474,17 @@ class Config(_Section):
     storage: Storage
     audit: Audit = Audit()
     logging: Logging = Logging()
+
+    @model_validator(mode="after")
+    def _proxy_cookie_is_not_ours(self) -> Config:
+        # Bound to the sidecar's own cookie, every verification (which re-issues it) would
+        # end itself.
+        if self.identity.headers.session_cookie == self.mfa.session.cookie_name:
+            raise _conflict(
+                "identity.headers.session_cookie names the sidecar's own cookie "
+                "(mfa.session.cookie_name)"
+            )
+        return self
 
 
 # --- loading -------------------------------------------------------------------------------

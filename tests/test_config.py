@@ -802,3 +802,43 @@ def test_an_extra_credential_header_cannot_be_a_configured_identity_header(
         "identity: introspect.headers: 'X-Auth-User' is one of the identity headers "
         "(identity.headers), which only a trusted proxy may send"
     ]
+
+
+PROXY_SESSION_COOKIES = [
+    pytest.param(
+        "identity: {headers: {session_cookie: 'oauth2 proxy'}}",
+        ["identity.headers.session_cookie: 'oauth2 proxy' is not a cookie name"],
+        id="not-a-token",
+    ),
+    pytest.param(
+        "identity: {headers: {session_cookie: 'a=b'}}",
+        ["identity.headers.session_cookie: 'a=b' is not a cookie name"],
+        id="with-equals",
+    ),
+    pytest.param(
+        "identity: {headers: {session_cookie: ''}}",
+        ["identity.headers.session_cookie: '' is not a cookie name"],
+        id="empty",
+    ),
+    pytest.param(
+        "identity: {headers: {session_cookie: sidecar_session}}",
+        [
+            "(top level): identity.headers.session_cookie names the sidecar's own cookie "
+            "(mfa.session.cookie_name)"
+        ],
+        id="the-sidecars-own",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), PROXY_SESSION_COOKIES)
+def test_the_proxy_session_cookie_must_be_a_cookie_name_not_ours(
+    tmp_path: Path, text: str, expected: list[str]
+) -> None:
+    assert problems(write(tmp_path, text)) == expected
+
+
+def test_the_proxy_session_cookie_is_off_unless_named(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, ""), env=ENV).identity.headers.session_cookie is None
+    path = write(tmp_path, "identity: {headers: {session_cookie: _oauth2_proxy}}")
+    assert load_config(path, env=ENV).identity.headers.session_cookie == "_oauth2_proxy"
