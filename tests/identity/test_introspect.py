@@ -689,3 +689,13 @@ async def test_an_extra_credential_that_is_not_utf8_fails_closed_without_asking(
     with pytest.raises(IdentityUnavailable, match="not valid UTF-8"):
         await identify(provider, (API_KEY_HEADER, "key-dave\udcff"))
     assert console.count() == 0
+
+
+async def test_a_bearer_token_with_an_extra_credential_header_is_not_an_api_client(
+    make_provider: ProviderFactory,
+) -> None:
+    # The console may authenticate by the key and ignore the token: the MFA gate applies.
+    provider = make_provider(headers=[API_KEY_HEADER])
+    identity = await identify(provider, *CAROL_TOKEN, (API_KEY_HEADER, "key-erin"))
+    assert identity is not None
+    assert not identity.via_token

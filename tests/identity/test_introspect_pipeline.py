@@ -3,6 +3,7 @@ request it will then serve, so what it decides there is what the MFA gate acts o
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -197,3 +198,23 @@ async def test_an_unreadable_identity_answer_is_503_and_its_bytes_are_never_logg
     assert "identity" in logged
     assert "SECRET" not in logged
     assert "SECRET" not in await response.text()
+
+
+async def test_two_host_lines_never_reach_the_console(sidecar_for: SidecarFactory) -> None:
+    # The forwarding context takes the Host line as sent; a second, different one could make
+    # the console and the sidecar read different hosts. aiohttp's server refuses it (400).
+    console = console_app()
+    console[Bound] = {"Host": "a.example"}
+    client = await sidecar_for(console, **MFA_FOR_EVERYONE)
+    port = client.server.port
+    assert port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"GET /reports HTTP/1.1\r\nHost: b.example\r\nHost: a.example\r\n"
+        b"Cookie: console=u-alice\r\nConnection: close\r\n\r\n"
+    )
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.0 400") or answer.startswith(b"HTTP/1.1 400")
+    assert console[Seen] == []
