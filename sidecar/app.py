@@ -120,7 +120,9 @@ def build_app(
     app.middlewares.extend(
         [
             request_log_middleware(metrics=metrics, in_flight=in_flight),
-            client_ip_middleware(live=live),
+            client_ip_middleware(
+                live=live, listener_scheme="https" if config.listen.tls is not None else "http"
+            ),
             ip_gate_middleware(live=live, audit=audit),
             canonical_path_middleware(),
             session_middleware(session_storage),
@@ -170,7 +172,6 @@ def build_app(
         transport=lambda: app[UPSTREAM],
         metrics=metrics,
         max_body_size=config.listen.max_body_size,
-        secure_listener=config.listen.tls is not None,
         session_cookie=config.mfa.session.cookie_name,
         identity_headers=identity_header_names(config),
         prefix=config.mfa.path_prefix,

@@ -32,6 +32,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from sidecar.http_fields import credential_header_problem
+
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -161,6 +163,26 @@ def parse_fernet_key(value: object) -> str:
     return value.strip()
 
 
+def parse_credential_header(value: object) -> str:
+    """A header name introspection may send as a credential (see credential_header_problem)."""
+    if not isinstance(value, str):
+        raise _bad("is not a header name")
+    problem = credential_header_problem(value)
+    if problem is not None:
+        raise _bad(problem)
+    return value
+
+
+# RFC 6265 §4.1.1: a cookie name is an HTTP token.
+_COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def parse_cookie_name(value: object) -> str:
+    if not isinstance(value, str) or not _COOKIE_NAME.fullmatch(value):
+        raise _bad("is not a cookie name")
+    return value
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 # For timeouts and lockout windows, where 0 would silently mean "never" (aiohttp treats a zero
 # timeout as no timeout; a zero lockout window never counts two failures together).
@@ -168,6 +190,8 @@ PositiveDuration = Annotated[float, BeforeValidator(parse_duration), AfterValida
 Size = Annotated[int, BeforeValidator(parse_size)]
 Cidr = Annotated[IpNetwork, BeforeValidator(parse_cidr)]
 FernetKey = Annotated[str, BeforeValidator(parse_fernet_key)]
+CredentialHeader = Annotated[str, BeforeValidator(parse_credential_header)]
+CookieName = Annotated[str, BeforeValidator(parse_cookie_name)]
 Port = Annotated[int, Field(ge=0, le=65535)]
 
 
@@ -253,6 +277,10 @@ class Introspect(_Section):
     # preference) changing does not end it. Empty: every cookie counts.
     cookies: list[str] = []
     timeout: PositiveDuration = 5.0
+    # Extra request headers that carry the console's credentials (an API key header): sent
+    # to the introspection endpoint with Cookie and Authorization, counted as credentials
+    # (a request carrying only one is introspected) and bound into the sidecar session.
+    headers: list[CredentialHeader] = []
 
     @field_validator("path")
     @classmethod
@@ -261,11 +289,25 @@ class Introspect(_Section):
             raise _bad("must be an absolute path such as /api/me")
         return value
 
+    @field_validator("headers")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        seen: set[str] = set()
+        for name in value:
+            if name.lower() in seen:
+                raise _conflict(f"{name!r} is listed twice (header names ignore case)")
+            seen.add(name.lower())
+        return value
+
 
 class IdentityHeaders(_Section):
     user: str = "X-Forwarded-User"
     email: str = "X-Forwarded-Email"
     groups: str = "X-Forwarded-Groups"
+    # The auth proxy's session cookie (oauth2-proxy: _oauth2_proxy). When set, its value is
+    # part of the credential the sidecar session binds to, so a new proxy login means a new
+    # MFA verification.
+    session_cookie: CookieName | None = None
 
 
 class Jwt(_Section):
@@ -292,6 +334,20 @@ class Identity(_Section):
     def _jwt_has_key(self) -> Identity:
         if self.source == "jwt" and not (self.jwt.key or self.jwt.key_file):
             raise _conflict("source is jwt but neither jwt.key nor jwt.key_file is set")
+        return self
+
+    @model_validator(mode="after")
+    def _credential_headers_are_not_identity_headers(self) -> Identity:
+        # The proxy strips the identity headers from untrusted peers: introspection would
+        # judge a credential the console never receives.
+        identity_headers = {self.headers.user, self.headers.email, self.headers.groups}
+        lowered = {name.lower() for name in identity_headers}
+        for name in self.introspect.headers:
+            if name.lower() in lowered:
+                raise _conflict(
+                    f"introspect.headers: {name!r} is one of the identity headers "
+                    "(identity.headers), which only a trusted proxy may send"
+                )
         return self
 
 
@@ -421,6 +477,17 @@ class Config(_Section):
     storage: Storage
     audit: Audit = Audit()
     logging: Logging = Logging()
+
+    @model_validator(mode="after")
+    def _proxy_cookie_is_not_ours(self) -> Config:
+        # Bound to the sidecar's own cookie, every verification (which re-issues it) would
+        # end itself.
+        if self.identity.headers.session_cookie == self.mfa.session.cookie_name:
+            raise _conflict(
+                "identity.headers.session_cookie names the sidecar's own cookie "
+                "(mfa.session.cookie_name)"
+            )
+        return self
 
 
 # --- loading -------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ Secure because the demo is served over plain http on localhost.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 from datetime import UTC, datetime, timedelta
@@ -26,13 +27,21 @@ from sidecar.store import GraceEpochs, open_store
 
 
 def _keys(data_dir: Path) -> dict[str, str]:
+    """The demo's session and data keys, generated on first use and kept in ``keys.json``.
+
+    The file is created with mode 0600 in the same call that creates it (``O_EXCL``): a
+    write-then-chmod would leave the keys readable by everyone for a moment under the usual
+    umask, and a file someone else created first is read, never overwritten.
+    """
     path = data_dir / "keys.json"
-    if path.exists():
-        keys: dict[str, str] = json.loads(path.read_text())
-        return keys
     keys = {"session": Fernet.generate_key().decode(), "data": Fernet.generate_key().decode()}
-    path.write_text(json.dumps(keys))
-    path.chmod(0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        kept: dict[str, str] = json.loads(path.read_text())
+        return kept
+    with os.fdopen(fd, "w") as file:
+        json.dump(keys, file)
     return keys
 
 

@@ -21,6 +21,19 @@ def fields(**values: Any) -> dict[str, dict[str, Any]]:
     return {FIELDS: values}
 
 
+def describe_error(exc: BaseException) -> str:
+    """A failure talking to the console, fit for a log line: its kind, never its message.
+
+    aiohttp's messages can include the request URL (its query may carry tokens), request
+    headers (cookies, authorization) and raw bytes of the console's answer (a ``Set-Cookie``
+    line quoted by a parser error). The exception type is kept, plus the operating system's
+    text for socket errors ("Connection refused"), which carries none of those.
+    """
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{type(exc).__name__}: {exc.strerror}"
+    return type(exc).__name__
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {

@@ -35,67 +35,25 @@ from yarl import URL
 
 from sidecar.config import Config
 from sidecar.decision import Decision
+from sidecar.http_fields import (
+    CLIENT_FORWARDING,
+    HOP_BY_HOP,
+    LOOKALIKE_IDENTITY,
+    NEVER_HOP_BY_HOP,
+    UPSTREAM_MAX_FIELD,
+    UPSTREAM_MAX_HEADERS,
+)
+from sidecar.http_fields import connection_tokens as _connection_tokens_of
 from sidecar.identity.base import console_cookies
+from sidecar.logs import describe_error as _describe
 from sidecar.metrics import Metrics
 from sidecar.paths import is_under
-from sidecar.state import CLIENT_IP, DECISION, PEER_TRUSTED, REASON, UPSTREAM_STATUS
+from sidecar.state import DECISION, FORWARDING, PEER_TRUSTED, REASON, UPSTREAM_STATUS
 
 log = logging.getLogger("sidecar.proxy")
 
-# RFC 9110 §7.6.1 and RFC 9112 §9.6: connection-specific fields never forwarded. Proxy-*
-# authentication is meant for this hop only. Expect is answered by our own server.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "expect",
-    }
-)
-
-# Forwarding headers the client may have written: replaced by the sidecar's own or dropped,
-# never passed on (a client must not choose the address, host, scheme or path the console
-# believes). Includes the look-alikes frameworks and CDNs read: X-Original-URL and
-# X-Rewrite-URL would let a Symfony/IIS console route to another path than the one judged.
-CLIENT_FORWARDING = frozenset(
-    {
-        "forwarded",
-        "x-forwarded-for",
-        "x-forwarded-host",
-        "x-forwarded-proto",
-        "x-forwarded-port",
-        "x-forwarded-prefix",
-        "x-forwarded-server",
-        "x-forwarded-ssl",
-        "x-forwarded-scheme",
-        "x-real-ip",
-        "x-client-ip",
-        "x-cluster-client-ip",
-        "true-client-ip",
-        "cf-connecting-ip",
-        "fastly-client-ip",
-        "x-original-url",
-        "x-rewrite-url",
-        "x-original-uri",
-        "via",
-    }
-)
-
-# Identity headers other servers believe (besides identity.headers and oauth2-proxy's):
-# removed from requests of untrusted peers like the configured ones.
-LOOKALIKE_IDENTITY = frozenset(
-    {"remote-user", "x-remote-user", "x-remote-email", "x-remote-groups", "x-user", "x-email"}
-)
-
-# A Connection header may name hop-by-hop fields; naming these would let a client make the
-# console see other credentials or another host than the sidecar judged.
-NEVER_HOP_BY_HOP = frozenset({"host", "cookie", "authorization"})
+# The field-name sets (hop-by-hop, forwarding, identity look-alikes) and the header limits
+# live in sidecar.http_fields: introspection and config validation use them too.
 
 # Generated afresh by aiohttp's WebSocket client for the upstream handshake.
 WEBSOCKET_HANDSHAKE = frozenset(
@@ -109,8 +67,6 @@ WEBSOCKET_HANDSHAKE = frozenset(
 )
 
 VIA = "1.1 sidecar"
-UPSTREAM_MAX_FIELD = 64 * 1024
-UPSTREAM_MAX_HEADERS = 512
 
 
 class UpstreamError(Exception):
@@ -172,15 +128,6 @@ class _AiohttpResponse:
             raise UpstreamError("timeout", "upstream body read timed out") from exc
 
 
-def _describe(exc: BaseException) -> str:
-    """An upstream failure for the log, without what aiohttp's messages can include: the
-    request URL (its query may carry tokens), request headers (cookies, authorization) and
-    raw bytes of the upstream's answer (a Set-Cookie line in a parser error)."""
-    if isinstance(exc, aiohttp.ClientOSError):
-        return f"{type(exc).__name__}: {exc.strerror or 'connection error'}"
-    return type(exc).__name__
-
-
 class _StrictConnector(aiohttp.TCPConnector):
     """A pool that never hands out a connection with unread bytes on it.
 
@@ -228,8 +175,6 @@ class AiohttpUpstream:
                 total=None, sock_connect=upstream.connect_timeout, sock_read=upstream.read_timeout
             ),
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            # Consoles send more and larger headers than aiohttp's client defaults (8 KiB,
-            # 128 lines) allow: many Set-Cookie lines, large CSP headers.
             max_line_size=UPSTREAM_MAX_FIELD,
             max_field_size=UPSTREAM_MAX_FIELD,
             max_headers=UPSTREAM_MAX_HEADERS,
@@ -324,10 +269,7 @@ class _BodyTooLarge(Exception):
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
-    tokens: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
-    return tokens
+    return _connection_tokens_of(headers.getall("Connection", ()))
 
 
 def end_to_end_headers(
@@ -365,7 +307,6 @@ class Proxy:
         transport: Callable[[], UpstreamTransport],
         metrics: Metrics,
         max_body_size: int,
-        secure_listener: bool,
         session_cookie: str,
         identity_headers: frozenset[str],
         prefix: str,
@@ -376,7 +317,6 @@ class Proxy:
         self._prefix = prefix
         self._metrics = metrics
         self.max_body_size = max_body_size
-        self._scheme = "https" if secure_listener else "http"
         #: Relayed WebSockets, so that a shutdown can close them properly (1001).
         self.open_websockets: set[tuple[web.WebSocketResponse, aiohttp.ClientWebSocketResponse]]
         self.open_websockets = set()
@@ -401,30 +341,12 @@ class Proxy:
             del headers["Cookie"]
             for line in console_cookies(cookies, self._session_cookie):
                 headers.add("Cookie", line)
-        client_ip = request.get(CLIENT_IP)
-        # One trustworthy address: the client the pipeline resolved (entries left of it in
-        # a forwarded chain are attacker-written and are not passed on).
-        if client_ip is not None:
-            headers["X-Forwarded-For"] = str(client_ip)
-        headers["X-Forwarded-Proto"] = self._scheme_of(request)
-        # The Host header line itself, never request.host: that follows an absolute-form
-        # target (GET http://evil/ HTTP/1.1) which the client controls separately.
-        host = request.headers.get("Host")
-        if host:
-            headers["X-Forwarded-Host"] = host
+        # The same context identity introspection sent (see sidecar.net.forwarding): the
+        # console answers the forwarded request for what it was asked about.
+        for name, value in request[FORWARDING].header_lines():
+            headers[name] = value
         headers["Via"] = VIA
         return headers
-
-    def _scheme_of(self, request: web.Request) -> str:
-        """The scheme the client used: ours, or, behind a trusted TLS-terminating proxy,
-        the one it reports (its own X-Forwarded-Proto entry, the rightmost)."""
-        if request.get(PEER_TRUSTED, False):
-            values = request.headers.getall("X-Forwarded-Proto", ())
-            if values:
-                reported = values[-1].rsplit(",", 1)[-1].strip().lower()
-                if reported in ("http", "https"):
-                    return reported
-        return self._scheme
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         target = request.rel_url.raw_path_qs

@@ -8,10 +8,15 @@ from aiohttp import web
 from sidecar.decision import Decision
 from sidecar.identity.base import Identity
 from sidecar.net.client_ip import IpAddress
+from sidecar.net.forwarding import Forwarding
 
 #: The client address the pipeline acts on (written by the client-IP middleware; until it
 #: runs, the TCP peer). ``None`` when it could not be determined.
 CLIENT_IP = web.RequestKey[IpAddress | None]("sidecar.client_ip")
+
+#: What the console is told about the request (X-Forwarded-For/-Proto/-Host), by the proxy
+#: and by identity introspection alike (written by the client-IP middleware, with CLIENT_IP).
+FORWARDING = web.RequestKey("sidecar.forwarding", Forwarding)
 
 #: How the request was answered (written by whichever stage answered it).
 DECISION = web.RequestKey("sidecar.decision", Decision)

@@ -693,3 +693,152 @@ def test_an_unwritable_audit_file_is_a_config_error(tmp_path: Path) -> None:
     (problem,) = refused.value.problems
     assert problem.startswith("audit.file: '")
     assert problem.endswith(f"cannot be written: directory '{tmp_path}/missing-dir' does not exist")
+
+
+def test_extra_credential_headers_are_kept_as_written(tmp_path: Path) -> None:
+    path = write(tmp_path, "identity: {introspect: {headers: [X-Api-Key, Private-Token]}}")
+    assert load_config(path, env=ENV).identity.introspect.headers == ["X-Api-Key", "Private-Token"]
+
+
+CREDENTIAL_HEADERS = [
+    pytest.param(
+        "[Cookie, authorization]",
+        [
+            "identity.introspect.headers[0]: 'Cookie' is always sent to introspection already",
+            "identity.introspect.headers[1]: 'authorization' is always sent to introspection "
+            "already",
+        ],
+        id="credentials-already",
+    ),
+    pytest.param(
+        "[Host]",
+        [
+            "identity.introspect.headers[0]: 'Host' is the Host header, which is context, not a "
+            "credential"
+        ],
+        id="host",
+    ),
+    pytest.param(
+        "[X_Api_Key]",
+        [
+            "identity.introspect.headers[0]: 'X_Api_Key' contains '_': the proxy drops such "
+            "headers, so the console would never see it"
+        ],
+        id="underscore",
+    ),
+    pytest.param(
+        "['X-Api-Key ', 'X-Api-Key:', 'X-Ápi']",
+        [
+            "identity.introspect.headers[0]: 'X-Api-Key ' is not an HTTP header name",
+            "identity.introspect.headers[1]: 'X-Api-Key:' is not an HTTP header name",
+            "identity.introspect.headers[2]: 'X-Ápi' is not an HTTP header name",
+        ],
+        id="not-a-token",
+    ),
+    pytest.param(
+        "[Connection, Keep-Alive, Proxy-Token, Sec-Fetch-Site]",
+        [
+            f"identity.introspect.headers[{i}]: '{name}' is a hop-by-hop or reserved header"
+            for i, name in enumerate(["Connection", "Keep-Alive", "Proxy-Token", "Sec-Fetch-Site"])
+        ],
+        id="hop-by-hop-and-reserved",
+    ),
+    pytest.param(
+        "[X-Forwarded-Host, Forwarded, X-Real-IP, X-Original-URL]",
+        [
+            f"identity.introspect.headers[{i}]: '{name}' is a forwarding header the sidecar "
+            "sets itself"
+            for i, name in enumerate(
+                ["X-Forwarded-Host", "Forwarded", "X-Real-IP", "X-Original-URL"]
+            )
+        ],
+        id="forwarding",
+    ),
+    pytest.param(
+        "[X-Forwarded-User, Remote-User, X-Auth-Request-Access-Token]",
+        [
+            f"identity.introspect.headers[{i}]: '{name}' is an identity header only a trusted "
+            "proxy may send"
+            for i, name in enumerate(
+                ["X-Forwarded-User", "Remote-User", "X-Auth-Request-Access-Token"]
+            )
+        ],
+        id="identity",
+    ),
+    pytest.param(
+        "[Accept, Content-Length]",
+        [
+            f"identity.introspect.headers[{i}]: '{name}' is set by the sidecar on the "
+            "introspection request"
+            for i, name in enumerate(["Accept", "Content-Length"])
+        ],
+        id="set-by-introspection",
+    ),
+    pytest.param(
+        "[X-Api-Key, x-api-KEY]",
+        ["identity.introspect.headers: 'x-api-KEY' is listed twice (header names ignore case)"],
+        id="twice",
+    ),
+    pytest.param(
+        "[3]",
+        ["identity.introspect.headers[0]: 3 is not a header name"],
+        id="not-a-string",
+    ),
+]
+
+
+@pytest.mark.parametrize(("names", "expected"), CREDENTIAL_HEADERS)
+def test_extra_credential_headers_must_reach_the_console_unchanged(
+    tmp_path: Path, names: str, expected: list[str]
+) -> None:
+    assert problems(write(tmp_path, f"identity: {{introspect: {{headers: {names}}}}}")) == expected
+
+
+def test_an_extra_credential_header_cannot_be_a_configured_identity_header(
+    tmp_path: Path,
+) -> None:
+    text = "identity: {introspect: {headers: [X-Auth-User]}, headers: {user: x-auth-user}}"
+    assert problems(write(tmp_path, text)) == [
+        "identity: introspect.headers: 'X-Auth-User' is one of the identity headers "
+        "(identity.headers), which only a trusted proxy may send"
+    ]
+
+
+PROXY_SESSION_COOKIES = [
+    pytest.param(
+        "identity: {headers: {session_cookie: 'oauth2 proxy'}}",
+        ["identity.headers.session_cookie: 'oauth2 proxy' is not a cookie name"],
+        id="not-a-token",
+    ),
+    pytest.param(
+        "identity: {headers: {session_cookie: 'a=b'}}",
+        ["identity.headers.session_cookie: 'a=b' is not a cookie name"],
+        id="with-equals",
+    ),
+    pytest.param(
+        "identity: {headers: {session_cookie: ''}}",
+        ["identity.headers.session_cookie: '' is not a cookie name"],
+        id="empty",
+    ),
+    pytest.param(
+        "identity: {headers: {session_cookie: sidecar_session}}",
+        [
+            "(top level): identity.headers.session_cookie names the sidecar's own cookie "
+            "(mfa.session.cookie_name)"
+        ],
+        id="the-sidecars-own",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), PROXY_SESSION_COOKIES)
+def test_the_proxy_session_cookie_must_be_a_cookie_name_not_ours(
+    tmp_path: Path, text: str, expected: list[str]
+) -> None:
+    assert problems(write(tmp_path, text)) == expected
+
+
+def test_the_proxy_session_cookie_is_off_unless_named(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, ""), env=ENV).identity.headers.session_cookie is None
+    path = write(tmp_path, "identity: {headers: {session_cookie: _oauth2_proxy}}")
+    assert load_config(path, env=ENV).identity.headers.session_cookie == "_oauth2_proxy"

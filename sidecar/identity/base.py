@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Final, Protocol
 import aiohttp
 from multidict import CIMultiDictProxy
 
+from sidecar.net.forwarding import Forwarding
+
 if TYPE_CHECKING:
     from sidecar.config import Config
 
@@ -36,8 +38,10 @@ class Identity:
 
     ``credential_hash``: SHA-256 over the credentials that proved this identity. The sidecar
     binds its own session to it so that a console logout (new credentials) also ends the
-    sidecar's verification. It is as good as a password hash for replay purposes inside the
-    sidecar: never log it (it is left out of ``repr``).
+    sidecar's verification. It covers credentials only, never the client's address (users
+    roam between networks) or the request's host (see each source for what counts). It is
+    as good as a password hash for replay purposes inside the sidecar: never log it (it is
+    left out of ``repr``).
     """
 
     user_id: str
@@ -61,11 +65,16 @@ class IdentityUnavailable(Exception):
 class IdentityProvider(Protocol):
     """One identity source. Implementations are safe for concurrent use on one event loop."""
 
-    async def identify(self, headers: CIMultiDictProxy[str], peer_trusted: bool) -> Identity | None:
+    async def identify(
+        self, headers: CIMultiDictProxy[str], peer_trusted: bool, forwarding: Forwarding
+    ) -> Identity | None:
         """The caller's identity from the request ``headers``.
 
         ``peer_trusted``: the TCP peer is in ``network.trusted_proxies`` (only the headers
-        source uses it). Raises :class:`IdentityUnavailable` when no decision can be made.
+        source uses it). ``forwarding``: what the console is told about the request's client,
+        host and scheme when it is forwarded (only the introspect source uses it: it asks the
+        console in the same context). Raises :class:`IdentityUnavailable` when no decision
+        can be made.
         """
         ...
 

@@ -13,43 +13,43 @@ believe them either.
   first group, else None.
 * ``via_token`` only for ``Authorization: Bearer`` without console cookies, for the same
   reason as in :mod:`sidecar.identity.introspect`.
+
+The session binding (``Identity.credential_hash``): user, email and groups, so a change of
+role needs a new verification. That alone survives the user's logout and re-login at the
+auth proxy: the sidecar's verification then lasts until ``mfa.verify_every``. With
+``identity.headers.session_cookie`` set (oauth2-proxy: ``_oauth2_proxy``), the value of the
+proxy's session cookie is bound too, so a new proxy session means a new verification:
+
+* Every occurrence of the cookie counts, and its split parts ``<name>_0``, ``<name>_1``, ...
+  (oauth2-proxy splits sessions over 4 KB so), in the order sent.
+* A request the proxy vouched for without that cookie is bound to its ``Authorization``
+  lines when it is a Bearer-token request (the proxy's JWT bearer pass-through: the token is
+  the credential). Any other request without it is :class:`IdentityUnavailable` (503): the
+  cookie name is probably wrong, and binding to nothing would silently give up the promise
+  (while "anonymous" would skip the MFA gate).
+* A proxy that rewrites its cookie while the session lasts (oauth2-proxy does at each
+  ``--cookie-refresh``) asks for verification again at each rewrite.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from typing import Final
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config import Config
 from sidecar.config import IdentityHeaders as HeaderSettings
+from sidecar.http_fields import OAUTH2_PROXY_HEADERS
 from sidecar.identity.base import (
     Identity,
     IdentityUnavailable,
     bearer_token,
     choose_role,
     console_cookies,
+    cookie_pairs,
     credential_hash,
 )
-
-# What oauth2-proxy can send besides the three configured ones (its --pass-user-headers,
-# --pass-access-token and auth_request --set-xauthrequest modes). Stripped from untrusted
-# peers whatever the source: a console behind the sidecar may believe them too.
-OAUTH2_PROXY_HEADERS: Final = frozenset(
-    {
-        "x-forwarded-user",
-        "x-forwarded-email",
-        "x-forwarded-groups",
-        "x-forwarded-preferred-username",
-        "x-forwarded-access-token",
-        "x-auth-request-user",
-        "x-auth-request-email",
-        "x-auth-request-groups",
-        "x-auth-request-preferred-username",
-        "x-auth-request-access-token",
-    }
-)
+from sidecar.net.forwarding import Forwarding
 
 
 def identity_header_names(config: Config) -> frozenset[str]:
@@ -99,7 +99,10 @@ class HeadersProvider:
             own_cookie=config.mfa.session.cookie_name,
         )
 
-    async def identify(self, headers: CIMultiDictProxy[str], peer_trusted: bool) -> Identity | None:
+    async def identify(
+        self, headers: CIMultiDictProxy[str], peer_trusted: bool, forwarding: Forwarding
+    ) -> Identity | None:
+        del forwarding  # the auth proxy vouched for the user; nothing is asked upstream
         if not peer_trusted:
             return None
         settings = self._settings
@@ -120,16 +123,49 @@ class HeadersProvider:
             and bool(authorizations)
             and all(bearer_token(line) is not None for line in authorizations)
         )
+        binding = [[user], [email or ""], groups]
+        session_cookie = settings.session_cookie
+        if session_cookie is not None:
+            session = proxy_session(headers.getall("Cookie", ()), session_cookie)
+            if session:
+                binding.append(session)
+            elif via_token:
+                binding.append(["authorization", *authorizations])
+            else:
+                raise IdentityUnavailable(
+                    f"trusted proxy vouched for a user without its session cookie "
+                    f"{session_cookie!r} (identity.headers.session_cookie)"
+                )
         return Identity(
             user_id=user,
             email=email,
             role=choose_role(groups, self._admin_roles),
             via_token=via_token,
-            credential_hash=credential_hash([user], [email or ""], groups),
+            credential_hash=credential_hash(*binding),
         )
 
     async def close(self) -> None:
         return None
+
+
+def proxy_session(lines: Sequence[str], name: str) -> list[str]:
+    """The auth proxy's session cookie in the ``Cookie`` ``lines``, as ``name=value`` pairs.
+
+    Every non-empty occurrence of ``name``, then its split parts ``name_0``, ``name_1``, ...
+    up to the first missing index (oauth2-proxy's convention for sessions over 4 KB). Empty:
+    no session cookie.
+    """
+    values: dict[str, list[str]] = {}
+    for line in lines:
+        for cookie, value in cookie_pairs(line):
+            if value:
+                values.setdefault(cookie, []).append(value)
+    found = [f"{name}={value}" for value in values.get(name, ())]
+    index = 0
+    while (part := f"{name}_{index}") in values:
+        found.extend(f"{part}={value}" for value in values[part])
+        index += 1
+    return found
 
 
 def _single_value(headers: CIMultiDictProxy[str], name: str) -> str | None:

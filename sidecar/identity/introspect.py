@@ -1,28 +1,46 @@
 """Identity from the console itself: ``GET upstream.url + identity.introspect.path``.
 
 The console is the authority on its own sessions, so the sidecar asks it with the caller's
-credentials and nothing else:
+credentials, in the context the proxied request will carry, and nothing else:
 
-* Only the caller's ``Cookie`` and ``Authorization`` lines are sent (every line of each),
-  minus the sidecar's own session cookie, which the console has no use for. No other header
-  of the caller is forwarded: the console must judge the credentials, not forwarding or
+* Credentials: every ``Cookie`` line (one normalised line, as the proxy forwards it, without
+  the sidecar's own session cookie, which the console has no use for; only the cookies named
+  in ``cookies`` when that is set), every ``Authorization`` line, and every line of the extra
+  credential headers in ``headers`` (an API key header, say). A credential header the
+  request's ``Connection`` header names is not one: the proxy drops it (RFC 9110 §7.6.1), so
+  the console never sees it.
+* Context, exactly what the proxy sends (:mod:`sidecar.net.forwarding`): the client's
+  ``Host`` line as ``Host`` and ``X-Forwarded-Host``, ``X-Forwarded-Proto``, and
+  ``X-Forwarded-For`` with the resolved client address. A console that ties a session to a
+  host, a scheme or an address therefore answers introspection as it will answer the request.
+* No other header of the caller is forwarded: the console must judge the credentials, not
   identity headers a client may have written.
 * ``200`` with a JSON object: the user, from ``id_field``, ``email_field``, ``role_field``
   (one key, or a dot path such as ``user.id``). A 200 without a usable id is a
   misconfiguration (wrong field name), not anonymity: :class:`IdentityUnavailable`.
 * ``401``/``403``: anonymous. Anything else (3xx, 5xx, timeout, refused connection, a body
-  that is not JSON): :class:`IdentityUnavailable`, and the caller fails closed.
+  that is not JSON, answer headers over the proxy's limits): :class:`IdentityUnavailable`,
+  and the caller fails closed. The reason names the failure's kind and the console's status,
+  never an aiohttp message (those can quote the request's headers or the answer's bytes).
 * No credentials at all: anonymous at once, without asking.
 
-Answers (users and anonymous) are cached for ``cache_ttl`` under a hash of the credentials,
-at most ``cache_size`` entries, least recently used evicted first; failures are never
-cached. Concurrent requests with the same credentials share one introspection.
+Answers (users and anonymous) are cached for ``cache_ttl``, at most ``cache_size`` entries,
+least recently used evicted first; failures are never cached. The cache key covers everything
+that was sent (every credential and the whole forwarding context), so an answer is never
+reused for a request the console could answer differently (another host, another client
+address). Concurrent requests with the same key share one introspection.
 
-``via_token`` is True only when every credential is a Bearer token and no console cookie
-was sent. When both are present the request counts as a browser session: token requests
-skip the MFA gate, and a browser holding a console session cookie must not be able to skip
-it by adding any ``Authorization: Bearer`` header (the console may well authenticate it by
-the cookie and ignore the header).
+The session binding (``Identity.credential_hash``) covers the credentials only: not the
+client address (users roam between networks; a verification survives it) and not the host
+(the sidecar's cookie is scoped to a host by the browser already, and the console decides
+per host which user the credentials are; the session is for that user only).
+
+``via_token`` is True only when every credential is a Bearer token: no console cookie and
+no extra credential header. When both are present the request counts as a browser session:
+token requests skip the MFA gate, and a browser holding a console session cookie must not be
+able to skip it by adding any ``Authorization: Bearer`` header (the console may well
+authenticate it by the cookie and ignore the header). An extra credential header is not a
+Bearer token either: such requests pass the MFA gate like browser sessions.
 """
 
 from __future__ import annotations
@@ -33,6 +51,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Final
 
 import aiohttp
@@ -40,6 +59,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config import Config
 from sidecar.config import Introspect as IntrospectSettings
+from sidecar.http_fields import UPSTREAM_MAX_FIELD, UPSTREAM_MAX_HEADERS, connection_tokens
 from sidecar.identity.base import (
     Identity,
     IdentityUnavailable,
@@ -51,12 +71,35 @@ from sidecar.identity.base import (
     string_or_none,
     user_id_from,
 )
-from sidecar.logs import fields
+from sidecar.logs import describe_error, fields
+from sidecar.net.forwarding import Forwarding
 
 log = logging.getLogger("sidecar.identity.introspect")
 
 # A /api/me answer is a few hundred bytes; a console that streams more is broken or hostile.
 MAX_ANSWER_BYTES: Final = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class _Question:
+    """Everything one introspection sends, and the two hashes derived from it."""
+
+    cookies: list[str]
+    authorizations: list[str]
+    extras: list[tuple[str, str]]  # (configured name, value), every line
+    forwarding: Forwarding
+    #: Cache and single-flight key: every credential and the whole forwarding context.
+    key: bytes
+    #: Identity.credential_hash: the credentials only.
+    binding: bytes
+
+    @property
+    def via_token(self) -> bool:
+        return (
+            not self.cookies
+            and not self.extras
+            and all(bearer_token(line) is not None for line in self.authorizations)
+        )
 
 
 class IntrospectProvider:
@@ -102,25 +145,17 @@ class IntrospectProvider:
             clock=clock,
         )
 
-    async def identify(self, headers: CIMultiDictProxy[str], peer_trusted: bool) -> Identity | None:
+    async def identify(
+        self, headers: CIMultiDictProxy[str], peer_trusted: bool, forwarding: Forwarding
+    ) -> Identity | None:
         del peer_trusted  # the console judges credentials, whoever relays them
         if self._closed:
             raise IdentityUnavailable("identity provider is closed")
-        cookies = console_cookies(
-            headers.getall("Cookie", ()), self._own_cookie, self._settings.cookies or None
-        )
-        authorizations = [line for line in headers.getall("Authorization", ()) if line.strip()]
-        if not cookies and not authorizations:
+        question = self._question(headers, forwarding)
+        if question is None:
             return None
-        if not _encodable(cookies) or not _encodable(authorizations):
-            # Bytes that were not UTF-8 on the way in (aiohttp keeps them as surrogates). How
-            # an HTTP client re-encodes them varies (dropped, refused), so the console could
-            # judge other credentials than the ones the caller sent: fail closed.
-            raise IdentityUnavailable("credentials are not valid UTF-8")
 
-        # The sidecar session binds to this hash too (Identity.credential_hash), which is why
-        # the sidecar's own cookie is left out: re-issuing it must not look like a new login.
-        key = credential_hash(cookies, authorizations)
+        key = question.key
         cached = self._cache.get(key)
         if cached is not None:
             expires_at, identity = cached
@@ -131,9 +166,7 @@ class IntrospectProvider:
 
         task = self._inflight.get(key)
         if task is None:
-            task = asyncio.get_running_loop().create_task(
-                self._introspect_and_remember(key, cookies, authorizations)
-            )
+            task = asyncio.get_running_loop().create_task(self._introspect_and_remember(question))
             task.add_done_callback(_consume_exception)
             self._inflight[key] = task
         # Shielded: one caller going away (client disconnect) must not cancel the answer the
@@ -161,6 +194,46 @@ class IntrospectProvider:
 
     # --- internals -------------------------------------------------------------------------
 
+    def _question(self, headers: CIMultiDictProxy[str], forwarding: Forwarding) -> _Question | None:
+        """What to ask the console for these request headers; None: no credentials."""
+        cookies = console_cookies(
+            headers.getall("Cookie", ()), self._own_cookie, self._settings.cookies or None
+        )
+        authorizations = [line for line in headers.getall("Authorization", ()) if line.strip()]
+        # The proxy drops what Connection names: such a header never reaches the console.
+        hop_by_hop = connection_tokens(headers.getall("Connection", ()))
+        extras = [
+            (name, line)
+            for name in self._settings.headers
+            if name.lower() not in hop_by_hop
+            for line in headers.getall(name, ())
+            if line.strip()
+        ]
+        if not cookies and not authorizations and not extras:
+            return None
+        extra_lines = [f"{name.lower()}: {value}" for name, value in extras]
+        host = [forwarding.host] if forwarding.host else []
+        if not _encodable([*cookies, *authorizations, *extra_lines, *host]):
+            # Bytes that were not UTF-8 on the way in (aiohttp keeps them as surrogates). How
+            # an HTTP client re-encodes them varies (dropped, refused), so the console could
+            # judge other credentials than the ones the caller sent: fail closed.
+            raise IdentityUnavailable("credentials or Host are not valid UTF-8")
+        client_ip = [forwarding.client_ip] if forwarding.client_ip else []
+        # The binding leaves the sidecar's own cookie out (console_cookies): re-issuing it
+        # must not look like a new login. Without extra headers it is the hash of cookies and
+        # authorizations alone, as before extra headers existed: upgrading keeps sessions.
+        binding_groups = [cookies, authorizations] + ([extra_lines] if extra_lines else [])
+        return _Question(
+            cookies=cookies,
+            authorizations=authorizations,
+            extras=extras,
+            forwarding=forwarding,
+            key=credential_hash(
+                cookies, authorizations, extra_lines, host, [forwarding.proto], client_ip
+            ),
+            binding=credential_hash(*binding_groups),
+        )
+
     def _default_session(self) -> aiohttp.ClientSession:
         return aiohttp.ClientSession(
             # Never keep or replay cookies the console sets: each request is judged on the
@@ -168,17 +241,20 @@ class IntrospectProvider:
             cookie_jar=aiohttp.DummyCookieJar(),
             trust_env=False,
             timeout=aiohttp.ClientTimeout(total=self._settings.timeout),
+            # The proxy's limits: an answer the proxy relays (a large Set-Cookie on /api/me,
+            # many headers) must not make introspection fail.
+            max_line_size=UPSTREAM_MAX_FIELD,
+            max_field_size=UPSTREAM_MAX_FIELD,
+            max_headers=UPSTREAM_MAX_HEADERS,
         )
 
-    async def _introspect_and_remember(
-        self, key: bytes, cookies: list[str], authorizations: list[str]
-    ) -> Identity | None:
+    async def _introspect_and_remember(self, question: _Question) -> Identity | None:
         try:
-            identity = await self._introspect(key, cookies, authorizations)
-            self._remember(key, identity)
+            identity = await self._introspect(question)
+            self._remember(question.key, identity)
             return identity
         finally:
-            self._inflight.pop(key, None)
+            self._inflight.pop(question.key, None)
 
     def _remember(self, key: bytes, identity: Identity | None) -> None:
         ttl = self._settings.cache_ttl
@@ -189,16 +265,21 @@ class IntrospectProvider:
         while len(self._cache) > self._settings.cache_size:
             self._cache.popitem(last=False)
 
-    async def _introspect(
-        self, key: bytes, cookies: list[str], authorizations: list[str]
-    ) -> Identity | None:
+    async def _introspect(self, question: _Question) -> Identity | None:
         if self._session is None:
             self._session = self._session_factory()
         request_headers: CIMultiDict[str] = CIMultiDict()
-        for line in cookies:
+        if question.forwarding.host:
+            # The Host line the proxy passes on with the request itself.
+            request_headers["Host"] = question.forwarding.host
+        for line in question.cookies:
             request_headers.add("Cookie", line)
-        for line in authorizations:
+        for line in question.authorizations:
             request_headers.add("Authorization", line)
+        for name, value in question.extras:
+            request_headers.add(name, value)
+        for name, value in question.forwarding.header_lines():
+            request_headers[name] = value
         request_headers["Accept"] = "application/json"
 
         timeout = self._settings.timeout
@@ -216,18 +297,17 @@ class IntrospectProvider:
         except TimeoutError:
             raise IdentityUnavailable(f"introspection timed out after {timeout:g}s") from None
         except aiohttp.ClientError as exc:
-            raise IdentityUnavailable(
-                f"introspection failed: {type(exc).__name__}: {exc}"
-            ) from None
+            # Never str(exc): it can quote the answer's header bytes (a Set-Cookie line).
+            raise IdentityUnavailable(f"introspection failed: {describe_error(exc)}") from None
         except ValueError as exc:
             # aiohttp refuses header values it cannot send (control characters). The message
             # is the exception type only: its text could quote the credential.
             raise IdentityUnavailable(
                 f"credentials could not be forwarded ({type(exc).__name__})"
             ) from None
-        return self._identity_from(body, key, via_token=_via_token(cookies, authorizations))
+        return self._identity_from(body, question)
 
-    def _identity_from(self, body: bytes, key: bytes, *, via_token: bool) -> Identity:
+    def _identity_from(self, body: bytes, question: _Question) -> Identity:
         try:
             document = json.loads(body)
         except (ValueError, RecursionError):
@@ -251,8 +331,8 @@ class IntrospectProvider:
             user_id=user_id,
             email=string_or_none(lookup_field(document, settings.email_field)),
             role=choose_role(lookup_field(document, settings.role_field), self._admin_roles),
-            via_token=via_token,
-            credential_hash=key,
+            via_token=question.via_token,
+            credential_hash=question.binding,
         )
 
 
@@ -263,10 +343,6 @@ def _encodable(lines: list[str]) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def _via_token(cookies: list[str], authorizations: list[str]) -> bool:
-    return not cookies and all(bearer_token(line) is not None for line in authorizations)
 
 
 async def _read_limited(response: aiohttp.ClientResponse) -> bytes:

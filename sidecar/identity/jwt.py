@@ -53,6 +53,7 @@ from sidecar.identity.base import (
     user_id_from,
 )
 from sidecar.logs import fields
+from sidecar.net.forwarding import Forwarding
 
 log = logging.getLogger("sidecar.identity.jwt")
 
@@ -112,8 +113,10 @@ class JwtProvider:
         """The algorithms accepted: the configured ones that fit the key."""
         return list(self._algorithms)
 
-    async def identify(self, headers: CIMultiDictProxy[str], peer_trusted: bool) -> Identity | None:
-        del peer_trusted  # a signature is worth the same from any peer
+    async def identify(
+        self, headers: CIMultiDictProxy[str], peer_trusted: bool, forwarding: Forwarding
+    ) -> Identity | None:
+        del peer_trusted, forwarding  # a signature is worth the same from any peer, any host
         candidates = self._tokens(headers)
         if len(candidates) > MAX_TOKENS:
             raise IdentityUnavailable(f"request carries {len(candidates)} tokens")

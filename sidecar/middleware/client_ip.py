@@ -1,4 +1,5 @@
-"""Pipeline step 1: decide which address the request comes from.
+"""Pipeline step 1: decide which address the request comes from, and so what the console is
+told about it (the forwarding context the proxy and identity introspection both send).
 
 Security assumption: only peers in ``network.trusted_proxies`` may speak for the client
 through a forwarded header; for everyone else the TCP peer is the client and their forwarded
@@ -14,13 +15,15 @@ from aiohttp.typedefs import Handler, Middleware
 
 from sidecar.decision import Decision
 from sidecar.live import LiveSettings
-from sidecar.net import IpAddress, Unresolved, parse_ip, resolve_client_ip
-from sidecar.state import CLIENT_IP, DECISION, PEER_TRUSTED, REASON
+from sidecar.net import IpAddress, Unresolved, forwarding_context, parse_ip, resolve_client_ip
+from sidecar.net.forwarding import Scheme
+from sidecar.state import CLIENT_IP, DECISION, FORWARDING, PEER_TRUSTED, REASON
 
 _PEER_CACHE_SIZE = 4096
 
 
-def client_ip_middleware(*, live: LiveSettings) -> Middleware:
+def client_ip_middleware(*, live: LiveSettings, listener_scheme: Scheme) -> Middleware:
+    """``listener_scheme``: ``https`` when the public listener terminates TLS itself."""
     # Parsing an address costs microseconds and the same peers (a balancer, keep-alive
     # clients) come back request after request: remember the last few thousand.
     peers: dict[str, IpAddress | None] = {}
@@ -60,6 +63,13 @@ def client_ip_middleware(*, live: LiveSettings) -> Middleware:
                 status=policy.block_status, text="Access denied: client address unknown.\n"
             )
         request[CLIENT_IP] = resolved
+        request[FORWARDING] = forwarding_context(
+            client_ip=resolved,
+            host=request.headers.get("Host"),
+            peer_trusted=trusted,
+            forwarded_proto=request.headers.getall("X-Forwarded-Proto", ()),
+            listener_scheme=listener_scheme,
+        )
         return await handler(request)
 
     return client_ip

@@ -1,9 +1,11 @@
 """Pipeline step 4: who is calling, from the console itself (or an auth proxy, or a JWT).
 
 Runs for every request that may need an MFA decision or is for the sidecar's own pages;
-exempt paths skip it (they pass the gate whoever calls). When the identity cannot be decided
-(console down, timeout, bad answer) the request is refused with 503: treating it as anonymous
-would let a logged-in user past the MFA gate.
+exempt paths skip it (they pass the gate whoever calls). The provider also gets the
+request's forwarding context (computed by the client-IP stage), so that introspection asks
+the console about the same client, host and scheme the proxy will forward. When the
+identity cannot be decided (console down, timeout, bad answer) the request is refused with
+503: treating it as anonymous would let a logged-in user past the MFA gate.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from sidecar.decision import Decision
 from sidecar.identity.base import IdentityProvider, IdentityUnavailable
 from sidecar.live import LiveSettings
 from sidecar.paths import is_exempt, is_under
-from sidecar.state import DECISION, IDENTITY, PEER_TRUSTED, REASON
+from sidecar.state import DECISION, FORWARDING, IDENTITY, PEER_TRUSTED, REASON
 
 log = logging.getLogger("sidecar.identity")
 
@@ -43,7 +45,7 @@ def identity_middleware(*, live: LiveSettings, identity: IdentityRef) -> Middlew
             return await handler(request)
         try:
             request[IDENTITY] = await identity.provider.identify(
-                request.headers, request.get(PEER_TRUSTED, False)
+                request.headers, request.get(PEER_TRUSTED, False), request[FORWARDING]
             )
         except IdentityUnavailable as exc:
             request[DECISION] = Decision.IDENTITY_UNAVAILABLE

@@ -1,4 +1,5 @@
-"""Pure network decisions: who the client is (client IP) and whether it may pass (IP gate).
+"""Pure network decisions: who the client is (client IP), whether it may pass (IP gate), and
+what the console is told about it (forwarding context).
 
 Nothing here does I/O or imports aiohttp.web; the middlewares feed it values.
 """
@@ -12,16 +13,19 @@ from sidecar.net.client_ip import (
     parse_ip,
     resolve_client_ip,
 )
+from sidecar.net.forwarding import Forwarding, forwarding_context
 from sidecar.net.ip_gate import CidrSet, GateVerdict, IpGate
 
 __all__ = [
     "CidrSet",
     "ClientIpHeader",
+    "Forwarding",
     "GateVerdict",
     "IpAddress",
     "IpGate",
     "IpNetwork",
     "Unresolved",
+    "forwarding_context",
     "normalize_ip",
     "parse_ip",
     "resolve_client_ip",

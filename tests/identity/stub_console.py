@@ -16,10 +16,13 @@ from cryptography.fernet import Fernet
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config import Config, parse_config
+from sidecar.net.forwarding import Forwarding
 
 SESSION_COOKIE = "console_session"
 SIDECAR_COOKIE = "sidecar_session"  # the config default for mfa.session.cookie_name
 TOKENS = {"tok-carol": "u-carol"}
+API_KEY_HEADER = "X-Api-Key"
+API_KEYS = {"key-dave": "u-dave", "key-erin": "u-erin"}
 
 
 def make_config(upstream_url: str = "http://127.0.0.1:9", **identity: Any) -> Config:
@@ -38,6 +41,10 @@ def make_config(upstream_url: str = "http://127.0.0.1:9", **identity: Any) -> Co
         },
         env={},
     )
+
+
+#: The forwarding context of a plain request from a client on the test network.
+FORWARDING = Forwarding(client_ip="192.0.2.10", proto="https", host="console.example")
 
 
 def headers(*lines: tuple[str, str]) -> CIMultiDictProxy[str]:
@@ -66,6 +73,11 @@ class StubConsole:
     release: asyncio.Event = field(default_factory=asyncio.Event)
     # /api/me-flaky answers 500 while `down`.
     down: bool = False
+    # /api/me-bound answers like /api/me only when the request carries these header values
+    # (a console that ties sessions to a host, a scheme or a client address), else 401.
+    bound: dict[str, str] = field(default_factory=dict)
+    # /api/me-set-cookie answers like /api/me with this Set-Cookie line.
+    set_cookie: str = ""
 
     def count(self, path: str | None = None) -> int:
         return sum(1 for r in self.received if path is None or r.path == path)
@@ -73,6 +85,10 @@ class StubConsole:
 
 def _user_for(request: web.Request) -> dict[str, Any] | int | None:
     """The /api/me answer: a user document, None (401) or a status (403)."""
+    for line in request.headers.getall(API_KEY_HEADER, ()):
+        if line in API_KEYS:
+            user = API_KEYS[line]
+            return {"id": user, "email": f"{user[2:]}@example.com", "role": "member"}
     for line in request.headers.getall("Authorization", ()):
         scheme, _, token = line.partition(" ")
         if scheme.lower() == "bearer" and token in TOKENS:
@@ -157,7 +173,20 @@ def build_console(state: StubConsole) -> web.Application:
             return web.Response(status=502)
         return _me(request)
 
+    async def bound(request: web.Request) -> web.Response:
+        for name, value in state.bound.items():
+            if request.headers.getall(name, []) != [value]:
+                return web.json_response({"error": "unauthorized"}, status=401)
+        return _me(request)
+
+    async def set_cookie(request: web.Request) -> web.Response:
+        response = _me(request)
+        response.headers["Set-Cookie"] = state.set_cookie
+        return response
+
     app = web.Application(middlewares=[record])
+    app.router.add_get("/api/me-bound", bound)
+    app.router.add_get("/api/me-set-cookie", set_cookie)
     app.router.add_get("/api/me", me)
     app.router.add_get("/api/me-nested", nested)
     app.router.add_get("/api/me-500", error)

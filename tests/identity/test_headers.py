@@ -14,7 +14,7 @@ from sidecar.identity import (
     strip_identity_headers,
 )
 from sidecar.identity.headers import HeadersProvider
-from tests.identity.stub_console import SIDECAR_COOKIE, headers, make_config
+from tests.identity.stub_console import FORWARDING, SIDECAR_COOKIE, headers, make_config
 
 USER = ("X-Forwarded-User", "u-alice")
 EMAIL = ("X-Forwarded-Email", "alice@example.com")
@@ -70,7 +70,9 @@ CASES = {
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 async def test_identity_from_headers(case: Case) -> None:
     provider = build_identity_provider(make_config(source="headers"))
-    identity = await provider.identify(headers(*case.lines), peer_trusted=case.peer_trusted)
+    identity = await provider.identify(
+        headers(*case.lines), peer_trusted=case.peer_trusted, forwarding=FORWARDING
+    )
     if case.expected is None:
         assert identity is None
     else:
@@ -89,7 +91,7 @@ AMBIGUOUS = {
 async def test_ambiguous_identity_fails_closed(lines: tuple[tuple[str, str], ...]) -> None:
     provider = HeadersProvider.from_config(make_config(source="headers"))
     with pytest.raises(IdentityUnavailable, match="different"):
-        await provider.identify(headers(*lines), peer_trusted=True)
+        await provider.identify(headers(*lines), peer_trusted=True, forwarding=FORWARDING)
 
 
 async def test_custom_header_names() -> None:
@@ -106,6 +108,7 @@ async def test_custom_header_names() -> None:
             ("Remote-Groups", "owner"),
         ),
         peer_trusted=True,
+        forwarding=FORWARDING,
     )
     assert identity is not None
     assert (identity.user_id, identity.email, identity.role) == (
@@ -119,7 +122,9 @@ async def test_credential_hash_follows_the_asserted_identity() -> None:
     provider = HeadersProvider.from_config(make_config(source="headers"))
 
     async def hash_of(*lines: tuple[str, str]) -> bytes:
-        identity = await provider.identify(headers(*lines), peer_trusted=True)
+        identity = await provider.identify(
+            headers(*lines), peer_trusted=True, forwarding=FORWARDING
+        )
         assert identity is not None
         return identity.credential_hash
 
@@ -152,3 +157,132 @@ def test_strip_identity_headers_removes_every_line_and_nothing_else() -> None:
     removed = strip_identity_headers(request_headers, identity_header_names(make_config()))
     assert sorted(name.lower() for name in removed) == ["x-forwarded-groups", "x-forwarded-user"]
     assert list(request_headers.items()) == [("Cookie", "a=b"), ("X-Forwarded-For", "10.0.0.1")]
+
+
+# --- binding to the auth proxy's session (identity.headers.session_cookie) -----------------
+
+PROXY_COOKIE = "_oauth2_proxy"
+
+
+def cookie(value: str) -> tuple[str, str]:
+    return ("Cookie", value)
+
+
+async def binding_of(provider: HeadersProvider, *lines: tuple[str, str]) -> bytes:
+    identity = await provider.identify(headers(*lines), peer_trusted=True, forwarding=FORWARDING)
+    assert identity is not None
+    return identity.credential_hash
+
+
+def bound_provider() -> HeadersProvider:
+    return HeadersProvider.from_config(
+        make_config(source="headers", headers={"session_cookie": PROXY_COOKIE})
+    )
+
+
+async def test_without_a_session_cookie_the_binding_survives_a_proxy_relogin() -> None:
+    # What holds by default (README): the verification lasts until mfa.verify_every, across
+    # logouts and logins at the auth proxy.
+    provider = HeadersProvider.from_config(make_config(source="headers"))
+    first = await binding_of(provider, USER, EMAIL, cookie(f"{PROXY_COOKIE}=session-1"))
+    again = await binding_of(provider, USER, EMAIL, cookie(f"{PROXY_COOKIE}=session-2"))
+    assert first == again
+
+
+SAME_SESSION = {
+    "the sidecar's own cookie changes": (
+        f"{PROXY_COOKIE}=session-1; {SIDECAR_COOKIE}=one",
+        f"{SIDECAR_COOKIE}=two; {PROXY_COOKIE}=session-1",
+    ),
+    "an unrelated cookie changes": (
+        f"{PROXY_COOKIE}=session-1; theme=dark",
+        f"theme=light; {PROXY_COOKIE}=session-1",
+    ),
+    "spaces around the pair": (f"{PROXY_COOKIE}=session-1", f"  {PROXY_COOKIE}=session-1 ;"),
+}
+
+
+@pytest.mark.parametrize(("one", "other"), SAME_SESSION.values(), ids=SAME_SESSION.keys())
+async def test_the_same_proxy_session_is_the_same_binding(one: str, other: str) -> None:
+    provider = bound_provider()
+    assert await binding_of(provider, USER, cookie(one)) == await binding_of(
+        provider, USER, cookie(other)
+    )
+
+
+NEW_SESSION = {
+    "a new proxy login": (f"{PROXY_COOKIE}=session-1", f"{PROXY_COOKIE}=session-2"),
+    "a new split session": (
+        f"{PROXY_COOKIE}_0=part-a; {PROXY_COOKIE}_1=part-b",
+        f"{PROXY_COOKIE}_0=part-a; {PROXY_COOKIE}_1=part-c",
+    ),
+    "a second cookie of the same name added": (
+        f"{PROXY_COOKIE}=session-1",
+        f"{PROXY_COOKIE}=session-1; {PROXY_COOKIE}=session-2",
+    ),
+    "whole and split": (f"{PROXY_COOKIE}=ab", f"{PROXY_COOKIE}_0=a; {PROXY_COOKIE}_1=b"),
+}
+
+
+@pytest.mark.parametrize(("one", "other"), NEW_SESSION.values(), ids=NEW_SESSION.keys())
+async def test_a_new_proxy_session_is_a_new_binding(one: str, other: str) -> None:
+    provider = bound_provider()
+    assert await binding_of(provider, USER, cookie(one)) != await binding_of(
+        provider, USER, cookie(other)
+    )
+
+
+async def test_the_session_cookie_is_bound_in_addition_to_the_asserted_identity() -> None:
+    provider = bound_provider()
+    alice = await binding_of(provider, USER, cookie(f"{PROXY_COOKIE}=session-1"))
+    bob = await binding_of(
+        provider, ("X-Forwarded-User", "u-bob"), cookie(f"{PROXY_COOKIE}=session-1")
+    )
+    assert alice != bob
+
+
+MISSING_SESSION = {
+    "no cookie at all": (USER, EMAIL),
+    "other cookies only": (USER, cookie("theme=dark; console=abc")),
+    "an empty value (a logout's cleared cookie)": (USER, cookie(f"{PROXY_COOKIE}=")),
+    "another spelling (cookie names are case-sensitive)": (USER, cookie("_OAUTH2_PROXY=s")),
+    "a longer name": (USER, cookie(f"{PROXY_COOKIE}x=s; {PROXY_COOKIE}_csrf=s")),
+    "split parts that do not start at 0": (USER, cookie(f"{PROXY_COOKIE}_1=s")),
+    "inside another cookie's value": (USER, cookie(f"other={PROXY_COOKIE}=s")),
+    "a bearer token next to a cookie": (
+        USER,
+        cookie("theme=dark"),
+        ("Authorization", "Bearer tok"),
+    ),
+}
+
+
+@pytest.mark.parametrize("lines", MISSING_SESSION.values(), ids=MISSING_SESSION.keys())
+async def test_a_vouched_request_without_the_session_cookie_fails_closed(
+    lines: tuple[tuple[str, str], ...],
+) -> None:
+    # Binding to nothing would quietly drop the promise; anonymous would skip the MFA gate.
+    with pytest.raises(IdentityUnavailable, match=f"session cookie '{PROXY_COOKIE}'"):
+        await bound_provider().identify(headers(*lines), peer_trusted=True, forwarding=FORWARDING)
+
+
+async def test_a_bearer_request_without_the_session_cookie_is_bound_to_its_token() -> None:
+    # oauth2-proxy passes JWT bearer requests through without a cookie: the token is the
+    # credential, and a new token is a new binding.
+    provider = bound_provider()
+    identity = await provider.identify(
+        headers(USER, ("Authorization", "Bearer tok-1")), peer_trusted=True, forwarding=FORWARDING
+    )
+    assert identity is not None
+    assert identity.via_token
+    other = await binding_of(provider, USER, ("Authorization", "Bearer tok-2"))
+    assert identity.credential_hash != other
+
+
+async def test_without_a_vouched_user_no_session_cookie_is_needed() -> None:
+    provider = bound_provider()
+    assert await provider.identify(headers(EMAIL), peer_trusted=True, forwarding=FORWARDING) is None
+    assert (
+        await provider.identify(headers(USER, EMAIL), peer_trusted=False, forwarding=FORWARDING)
+        is None
+    )

@@ -12,9 +12,13 @@ import aiohttp
 import pytest
 from multidict import CIMultiDictProxy
 
+from sidecar.http_fields import UPSTREAM_MAX_FIELD
 from sidecar.identity import Identity, IdentityUnavailable, build_identity_provider
 from sidecar.identity.introspect import IntrospectProvider
+from sidecar.net.forwarding import Forwarding
 from tests.identity.stub_console import (
+    API_KEY_HEADER,
+    FORWARDING,
     SESSION_COOKIE,
     SIDECAR_COOKIE,
     StubConsole,
@@ -59,7 +63,7 @@ async def make_provider(
 
 
 async def identify(provider: IntrospectProvider, *lines: tuple[str, str]) -> Identity | None:
-    return await provider.identify(headers(*lines), peer_trusted=False)
+    return await provider.identify(headers(*lines), peer_trusted=False, forwarding=FORWARDING)
 
 
 # --- mapping -------------------------------------------------------------------------------
@@ -180,7 +184,7 @@ async def test_connection_refused_is_unavailable(unused_tcp_port: int) -> None:
     provider = build_identity_provider(config)
     try:
         with pytest.raises(IdentityUnavailable, match="introspection failed"):
-            await provider.identify(headers(*ALICE), peer_trusted=False)
+            await provider.identify(headers(*ALICE), peer_trusted=False, forwarding=FORWARDING)
     finally:
         await provider.close()
 
@@ -323,8 +327,7 @@ async def _start_overlapping(
     provider: IntrospectProvider, console: StubConsole, n: int
 ) -> list[asyncio.Task[Identity | None]]:
     tasks = [
-        asyncio.create_task(provider.identify(headers(*ALICE), peer_trusted=False))
-        for _ in range(n)
+        asyncio.create_task(provider.identify(headers(*ALICE), False, FORWARDING)) for _ in range(n)
     ]
     await asyncio.wait_for(console.entered.wait(), 5)
     await asyncio.sleep(0.05)  # every caller has reached the shared introspection
@@ -390,7 +393,7 @@ async def test_close_fails_waiting_callers_closed(
 # --- what the console sees -----------------------------------------------------------------
 
 
-async def test_only_cookie_and_authorization_are_forwarded(
+async def test_the_console_gets_the_credentials_and_the_forwarding_context_only(
     make_provider: ProviderFactory, console: StubConsole
 ) -> None:
     provider = make_provider()
@@ -402,7 +405,11 @@ async def test_only_cookie_and_authorization_are_forwarded(
         ("X-Forwarded-User", "u-admin"),
         ("X-Forwarded-Groups", "admin"),
         ("X-Forwarded-For", "10.0.0.1"),
+        ("X-Forwarded-Host", "evil.example"),
+        ("X-Forwarded-Proto", "http"),
+        ("Forwarded", "for=10.0.0.1;host=evil.example"),
         ("X-CSRF-Token", "t"),
+        (API_KEY_HEADER, "key-dave"),  # not configured: not a credential
         ("User-Agent", "evil/1.0"),
         ("Accept", "text/html"),
         ("Host", "attacker.example"),
@@ -413,10 +420,29 @@ async def test_only_cookie_and_authorization_are_forwarded(
     assert seen.headers.getall("Cookie") == [f"{SESSION_COOKIE}=u-alice; theme=dark; lang=en"]
     assert seen.headers.getall("Authorization") == ["Bearer tok-carol"]
     assert seen.headers.getall("Accept") == ["application/json"]
-    assert seen.headers["Host"] == console.url.removeprefix("http://")
+    # The context the proxy will send with the request itself, never the client's own
+    # forwarding headers.
+    assert seen.headers.getall("Host") == [FORWARDING.host]
+    assert seen.headers.getall("X-Forwarded-Host") == [FORWARDING.host]
+    assert seen.headers.getall("X-Forwarded-Proto") == [FORWARDING.proto]
+    assert seen.headers.getall("X-Forwarded-For") == [FORWARDING.client_ip]
     assert seen.headers.get("User-Agent") != "evil/1.0"
-    leaked = {"x-forwarded-user", "x-forwarded-groups", "x-forwarded-for", "x-csrf-token"}
+    leaked = {"x-forwarded-user", "x-forwarded-groups", "forwarded", "x-csrf-token", "x-api-key"}
     assert leaked.isdisjoint(name.lower() for name in seen.headers)
+
+
+async def test_without_a_host_line_the_console_gets_its_own_host(
+    make_provider: ProviderFactory, console: StubConsole
+) -> None:
+    # HTTP/1.0 requests may come without Host; the proxy then lets aiohttp name the upstream.
+    await make_provider().identify(
+        headers(*ALICE), False, Forwarding(client_ip=None, proto="http", host=None)
+    )
+    (seen,) = console.received
+    assert seen.headers.getall("Host") == [console.url.removeprefix("http://")]
+    assert "X-Forwarded-Host" not in seen.headers
+    assert "X-Forwarded-For" not in seen.headers
+    assert seen.headers.getall("X-Forwarded-Proto") == ["http"]
 
 
 async def test_console_cookies_are_not_kept_between_requests(
@@ -443,9 +469,11 @@ async def test_build_uses_the_injected_session_and_close_closes_it(
     provider = build_identity_provider(make_config(console.url), session_factory)
     assert isinstance(provider, IntrospectProvider)
     assert not sessions  # created lazily, on first use
-    identity = await provider.identify(CIMultiDictProxy(headers(*ALICE)), peer_trusted=False)
+    identity = await provider.identify(
+        CIMultiDictProxy(headers(*ALICE)), peer_trusted=False, forwarding=FORWARDING
+    )
     assert identity is not None
-    await provider.identify(headers(*BOB), peer_trusted=False)
+    await provider.identify(headers(*BOB), peer_trusted=False, forwarding=FORWARDING)
     assert len(sessions) == 1
     await provider.close()
     assert sessions[0].closed
@@ -461,3 +489,213 @@ async def test_cookies_split_over_lines_are_the_same_credentials(
     second = await identify(provider, ("Cookie", f"{SESSION_COOKIE}=u-alice"), ("Cookie", "a=b"))
     assert first == second
     assert console.count() == 1
+
+
+# --- answer header limits, and what a failure logs -----------------------------------------
+
+
+async def test_a_large_set_cookie_on_the_answer_still_identifies(
+    make_provider: ProviderFactory, console: StubConsole
+) -> None:
+    # Over aiohttp's 8 KiB client default, under the proxy's limit: the proxy relays such an
+    # answer, so introspection must read it too (it used to answer 503).
+    console.set_cookie = "big=" + "x" * 20_000 + "; Path=/"
+    identity = await identify(make_provider("/api/me-set-cookie"), *ALICE)
+    assert identity is not None
+    assert identity.user_id == "u-alice"
+
+
+async def test_answer_headers_over_the_limit_fail_closed_without_quoting_them(
+    make_provider: ProviderFactory,
+    console: StubConsole,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # aiohttp's parser error quotes the start of the offending line: the answer's cookie.
+    console.set_cookie = "SECRET-ANSWER-COOKIE=" + "x" * (UPSTREAM_MAX_FIELD + 10)
+    provider = make_provider("/api/me-set-cookie")
+    with caplog.at_level(logging.DEBUG), pytest.raises(IdentityUnavailable) as failed:
+        await identify(provider, ("Cookie", f"{SESSION_COOKIE}=u-alice-SECRET-REQUEST"))
+    reason = str(failed.value)
+    assert reason.startswith("introspection failed: ")
+    assert "SECRET" not in reason
+    assert "SECRET" not in caplog.text
+
+
+# --- the console answers in the context the request will be forwarded in -------------------
+
+HOST_A = Forwarding(client_ip="192.0.2.10", proto="https", host="a.example")
+HOST_B = Forwarding(client_ip="192.0.2.10", proto="https", host="b.example")
+ADDRESS_B = Forwarding(client_ip="198.51.100.7", proto="https", host="a.example")
+PLAIN_HTTP = Forwarding(client_ip="192.0.2.10", proto="http", host="a.example")
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A console that knows alice only in one context (``bound`` headers), not in ``other``."""
+
+    bound: tuple[tuple[str, str], ...]
+    other: Forwarding
+
+
+CONTEXT_BOUND = {
+    "host-scoped console (X-Forwarded-Host)": Bound((("X-Forwarded-Host", "a.example"),), HOST_B),
+    "host-scoped console (Host)": Bound((("Host", "a.example"),), HOST_B),
+    "address-bound console": Bound((("X-Forwarded-For", "192.0.2.10"),), ADDRESS_B),
+    "https-only console": Bound((("X-Forwarded-Proto", "https"),), PLAIN_HTTP),
+}
+
+
+@pytest.mark.parametrize("bound_first", [True, False], ids=["bound first", "other first"])
+@pytest.mark.parametrize("case", CONTEXT_BOUND.values(), ids=CONTEXT_BOUND.keys())
+async def test_an_answer_is_never_reused_for_another_context(
+    make_provider: ProviderFactory, console: StubConsole, case: Bound, bound_first: bool
+) -> None:
+    console.bound = dict(case.bound)
+    provider = make_provider("/api/me-bound")
+    order = [HOST_A, case.other] if bound_first else [case.other, HOST_A]
+    for _ in range(3):
+        for forwarding in order:
+            identity = await provider.identify(headers(*ALICE), False, forwarding)
+            if forwarding is HOST_A:
+                assert identity is not None
+                assert identity.user_id == "u-alice"
+            else:
+                assert identity is None, "the console's answer for another context was reused"
+    assert console.count() == 2  # each context asked once, then cached
+
+
+BINDING_CONTEXTS = {
+    "another client address": ADDRESS_B,
+    "another host": HOST_B,
+    "another scheme": PLAIN_HTTP,
+}
+
+
+@pytest.mark.parametrize("other", BINDING_CONTEXTS.values(), ids=BINDING_CONTEXTS.keys())
+async def test_the_session_binding_is_the_credentials_not_the_context(
+    make_provider: ProviderFactory, console: StubConsole, other: Forwarding
+) -> None:
+    # A user who roams to another network (or reaches the console under another name)
+    # keeps their verification as long as the console says they are the same user.
+    provider = make_provider()
+    here = await provider.identify(headers(*ALICE), False, HOST_A)
+    there = await provider.identify(headers(*ALICE), False, other)
+    assert here is not None
+    assert there is not None
+    assert here.credential_hash == there.credential_hash
+    assert console.count() == 2
+
+
+async def test_a_host_that_is_not_utf8_fails_closed_without_asking(
+    make_provider: ProviderFactory, console: StubConsole
+) -> None:
+    odd_host = Forwarding(client_ip="192.0.2.10", proto="https", host="a.example\udcff")
+    with pytest.raises(IdentityUnavailable, match="not valid UTF-8"):
+        await make_provider().identify(headers(*ALICE), False, odd_host)
+    assert console.count() == 0
+
+
+# --- extra credential headers (identity.introspect.headers) --------------------------------
+
+DAVE_KEY = ((API_KEY_HEADER, "key-dave"),)
+
+
+async def test_a_request_with_only_an_extra_credential_header_is_introspected(
+    make_provider: ProviderFactory, console: StubConsole
+) -> None:
+    identity = await identify(make_provider(headers=[API_KEY_HEADER]), *DAVE_KEY)
+    assert identity is not None
+    # Not a Bearer token: the MFA gate applies to it as to a browser session.
+    assert (identity.user_id, identity.via_token) == ("u-dave", False)
+    (seen,) = console.received
+    assert seen.headers.getall(API_KEY_HEADER) == ["key-dave"]
+    assert "Cookie" not in seen.headers
+    assert "Authorization" not in seen.headers
+
+
+async def test_an_unconfigured_credential_header_is_not_a_credential(
+    make_provider: ProviderFactory, console: StubConsole
+) -> None:
+    assert await identify(make_provider(), *DAVE_KEY) is None
+    assert console.count() == 0
+
+
+async def test_extra_credential_headers_match_by_name_whatever_the_case(
+    make_provider: ProviderFactory, console: StubConsole
+) -> None:
+    identity = await identify(make_provider(headers=["x-API-key"]), ("X-API-KEY", "key-dave"))
+    assert identity is not None
+    assert identity.user_id == "u-dave"
+
+
+async def test_every_line_of_an_extra_credential_header_is_sent_in_order(
+    make_provider: ProviderFactory, console: StubConsole
+) -> None:
+    provider = make_provider(headers=[API_KEY_HEADER])
+    await identify(provider, (API_KEY_HEADER, "nope"), (API_KEY_HEADER, " "), *DAVE_KEY)
+    (seen,) = console.received
+    assert seen.headers.getall(API_KEY_HEADER) == ["nope", "key-dave"]
+
+
+async def test_a_credential_header_named_in_connection_is_not_a_credential(
+    make_provider: ProviderFactory, console: StubConsole
+) -> None:
+    # The proxy drops what Connection names (RFC 9110 §7.6.1): the console will never see
+    # this key, so introspection must not judge it either.
+    provider = make_provider(headers=[API_KEY_HEADER])
+    lines = (*DAVE_KEY, ("Connection", "keep-alive, x-api-key"))
+    assert await identify(provider, *lines) is None
+    assert console.count() == 0
+    identity = await identify(provider, *ALICE, *lines)
+    assert identity is not None
+    assert identity.user_id == "u-alice"
+    assert API_KEY_HEADER not in console.received[-1].headers
+
+
+async def test_extra_credential_headers_bind_the_session(
+    make_provider: ProviderFactory, console: StubConsole
+) -> None:
+    provider = make_provider(headers=[API_KEY_HEADER])
+    hashes = set()
+    for lines in (
+        ALICE,
+        (*ALICE, (API_KEY_HEADER, "key-erin")),
+        (*ALICE, (API_KEY_HEADER, "key-dave")),
+        DAVE_KEY,
+        ((API_KEY_HEADER, "key-dave"), (API_KEY_HEADER, "key-dave")),
+    ):
+        identity = await identify(provider, *lines)
+        assert identity is not None
+        hashes.add(identity.credential_hash)
+    assert len(hashes) == 5
+    assert console.count() == 5
+
+
+async def test_configuring_extra_headers_keeps_the_binding_of_requests_without_them(
+    make_provider: ProviderFactory,
+) -> None:
+    # Adding identity.introspect.headers must not end every verified session.
+    before = await identify(make_provider(), *ALICE)
+    after = await identify(make_provider(headers=[API_KEY_HEADER]), *ALICE)
+    assert before is not None
+    assert after is not None
+    assert before.credential_hash == after.credential_hash
+
+
+async def test_an_extra_credential_that_is_not_utf8_fails_closed_without_asking(
+    make_provider: ProviderFactory, console: StubConsole
+) -> None:
+    provider = make_provider(headers=[API_KEY_HEADER])
+    with pytest.raises(IdentityUnavailable, match="not valid UTF-8"):
+        await identify(provider, (API_KEY_HEADER, "key-dave\udcff"))
+    assert console.count() == 0
+
+
+async def test_a_bearer_token_with_an_extra_credential_header_is_not_an_api_client(
+    make_provider: ProviderFactory,
+) -> None:
+    # The console may authenticate by the key and ignore the token: the MFA gate applies.
+    provider = make_provider(headers=[API_KEY_HEADER])
+    identity = await identify(provider, *CAROL_TOKEN, (API_KEY_HEADER, "key-erin"))
+    assert identity is not None
+    assert not identity.via_token

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from sidecar.config import Config, ConfigError
 from sidecar.identity import IdentityUnavailable, build_identity_provider
 from sidecar.identity.jwt import JwtProvider
-from tests.identity.stub_console import headers, make_config
+from tests.identity.stub_console import FORWARDING, headers, make_config
 
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 OTHER_RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -158,7 +158,9 @@ CASES = {
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 async def test_identity_from_token(case: Case) -> None:
     provider = build_identity_provider(rsa_config())
-    identity = await provider.identify(headers(*case.lines()), peer_trusted=False)
+    identity = await provider.identify(
+        headers(*case.lines()), peer_trusted=False, forwarding=FORWARDING
+    )
     if case.expected is None:
         assert identity is None
     else:
@@ -182,7 +184,9 @@ async def test_custom_claims_header_and_nested_roles() -> None:
         **{"https://example.com/email": "bob@example.com"},
         realm_access={"roles": ["offline", "admin"]},
     )
-    identity = await provider.identify(headers(("X-Id-Token", token)), peer_trusted=False)
+    identity = await provider.identify(
+        headers(("X-Id-Token", token)), peer_trusted=False, forwarding=FORWARDING
+    )
     assert identity is not None
     assert (identity.user_id, identity.email, identity.role, identity.via_token) == (
         "7",
@@ -191,7 +195,10 @@ async def test_custom_claims_header_and_nested_roles() -> None:
         True,
     )
     # Without a cookie configured, a cookie named like one is not read.
-    assert await provider.identify(headers(cookie(token)), peer_trusted=False) is None
+    assert (
+        await provider.identify(headers(cookie(token)), peer_trusted=False, forwarding=FORWARDING)
+        is None
+    )
 
 
 UNAVAILABLE = {
@@ -207,15 +214,15 @@ async def test_ambiguous_or_unusable_tokens_fail_closed(
 ) -> None:
     provider = build_identity_provider(rsa_config())
     with pytest.raises(IdentityUnavailable):
-        await provider.identify(headers(*lines()), peer_trusted=False)
+        await provider.identify(headers(*lines()), peer_trusted=False, forwarding=FORWARDING)
 
 
 async def test_credential_hash_is_per_token() -> None:
     provider = build_identity_provider(rsa_config())
     one, two = rs256(), rs256(iat=int(time.time()) - 1)
-    first = await provider.identify(headers(bearer(one)), peer_trusted=False)
-    again = await provider.identify(headers(cookie(one)), peer_trusted=False)
-    other = await provider.identify(headers(bearer(two)), peer_trusted=False)
+    first = await provider.identify(headers(bearer(one)), peer_trusted=False, forwarding=FORWARDING)
+    again = await provider.identify(headers(cookie(one)), peer_trusted=False, forwarding=FORWARDING)
+    other = await provider.identify(headers(bearer(two)), peer_trusted=False, forwarding=FORWARDING)
     assert first is not None
     assert again is not None
     assert other is not None
@@ -226,7 +233,9 @@ async def test_hmac_secret_verifies_hs256() -> None:
     config = make_config(source="jwt", jwt={"key": HMAC_SECRET, "algorithms": ["HS256"]})
     provider = build_identity_provider(config)
     token = jwt.encode(claims(aud=None), HMAC_SECRET, algorithm="HS256")
-    identity = await provider.identify(headers(bearer(token)), peer_trusted=False)
+    identity = await provider.identify(
+        headers(bearer(token)), peer_trusted=False, forwarding=FORWARDING
+    )
     assert identity is not None
     assert identity.user_id == "u-alice"
 
@@ -243,7 +252,9 @@ async def test_key_file_and_private_key_are_read_once(tmp_path: Path) -> None:
     key_file.write_text(private_pem(RSA_KEY))
     provider = build_identity_provider(rsa_config(key=None, key_file=str(key_file)))
     key_file.unlink()  # read at build: later changes do not matter
-    identity = await provider.identify(headers(bearer(rs256())), peer_trusted=False)
+    identity = await provider.identify(
+        headers(bearer(rs256())), peer_trusted=False, forwarding=FORWARDING
+    )
     assert identity is not None
 
 
