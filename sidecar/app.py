@@ -37,7 +37,7 @@ from sidecar.logs import configure_logging
 from sidecar.metrics import Metrics
 from sidecar.mfa.admin import add_admin_routes
 from sidecar.mfa.policy import MfaPolicy
-from sidecar.mfa.routes import Handlers, add_prefix_fallback, add_routes
+from sidecar.mfa.routes import Handlers, Route, add_prefix_fallback, add_routes, register
 from sidecar.mfa.service import MfaMetrics, MfaService
 from sidecar.mfa.session import RotatingCookieStorage
 from sidecar.middleware.canonical_path import canonical_path_middleware
@@ -177,7 +177,8 @@ def build_app(
         prefix=config.mfa.path_prefix,
     )
     app[PROXY] = proxy
-    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    # The catch-all: the pipeline's stages (IP gate, identity, MFA gate) guard it.
+    register(app, "", [Route("*", "/{tail:.*}", proxy.handle, frozenset())])
     return app
 
 

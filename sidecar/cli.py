@@ -109,7 +109,7 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_users_reset_mfa(args: argparse.Namespace) -> int:
-    from sidecar.mfa.admin import valid_user_id
+    from sidecar.identity.base import valid_user_id
     from sidecar.operations import reset_mfa
 
     if not valid_user_id(args.id):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol
@@ -142,19 +143,46 @@ def lookup_field(document: Mapping[str, object], name: str) -> object:
     return node
 
 
+#: Longest user id the sidecar keys state by (consoles use ids, emails or UUIDs).
+MAX_USER_ID_LENGTH: Final = 256
+#: Longest email or role kept; longer values are dropped (they are display data only).
+MAX_LABEL_LENGTH: Final = 512
+
+
+def valid_user_id(text: str) -> bool:
+    """Whether ``text`` can key a user's MFA state: not blank, no control characters (NUL,
+    which PostgreSQL refuses, newlines, which logs would split), valid Unicode (no lone
+    surrogates, which header bytes that were not UTF-8 become), at most
+    ``MAX_USER_ID_LENGTH``. Ids are compared exactly everywhere: no trimming, folding or
+    normalisation, so any other character is kept as the console sent it."""
+    if not text.strip() or len(text) > MAX_USER_ID_LENGTH:
+        return False
+    return _storable(text)
+
+
 def user_id_from(value: object) -> str | None:
-    """A usable user id: a non-empty string or an integer (not a bool), as a string."""
+    """A usable user id: a string passing :func:`valid_user_id` or an integer (not a bool),
+    as a string; None otherwise (the caller fails closed: the console named a user the
+    sidecar cannot key state by)."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
         return str(value)
-    if isinstance(value, str) and value.strip():
+    if isinstance(value, str) and valid_user_id(value):
         return value
     return None
 
 
 def string_or_none(value: object) -> str | None:
-    return value if isinstance(value, str) and value else None
+    """A display string (email, role), or None when absent, too long or not storable."""
+    if not isinstance(value, str) or not value or len(value) > MAX_LABEL_LENGTH:
+        return None
+    return value if _storable(value) else None
+
+
+def _storable(text: str) -> bool:
+    """No control characters (Unicode category Cc) and no lone surrogates (Cs)."""
+    return not any(unicodedata.category(c) in ("Cc", "Cs") for c in text)
 
 
 def bearer_token(value: str) -> str | None:

@@ -48,6 +48,8 @@ from sidecar.identity.base import (
     console_cookies,
     cookie_pairs,
     credential_hash,
+    string_or_none,
+    valid_user_id,
 )
 from sidecar.net.forwarding import Forwarding
 
@@ -109,7 +111,11 @@ class HeadersProvider:
         user = _single_value(headers, settings.user)
         if user is None:
             return None
-        email = _single_value(headers, settings.email)
+        if not valid_user_id(user):
+            # Header bytes that were not UTF-8, control characters, an absurd length: the
+            # proxy vouched for someone the sidecar cannot key state by. Fail closed.
+            raise IdentityUnavailable("trusted proxy sent a user id the sidecar cannot use")
+        email = string_or_none(_single_value(headers, settings.email))
         groups = [
             group.strip()
             for line in headers.getall(settings.groups, ())

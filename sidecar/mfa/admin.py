@@ -34,10 +34,18 @@ from prometheus_client import CollectorRegistry, Counter
 from sidecar.answers import Refusal
 from sidecar.config import MAX_DURATION_SECONDS, Config, parse_cidr, parse_duration
 from sidecar.decision import Decision
-from sidecar.identity.base import is_privileged
+from sidecar.identity.base import is_privileged, valid_user_id
 from sidecar.mfa import pages, security_pages
 from sidecar.mfa.policy import MfaPolicy, next_grace_epochs
-from sidecar.mfa.routes import Caller, Handlers, methods_json, store_unavailable
+from sidecar.mfa.routes import (
+    Caller,
+    Guard,
+    Handlers,
+    Route,
+    methods_json,
+    register,
+    store_unavailable,
+)
 from sidecar.net import IpGate
 from sidecar.settings import networks, settings_changes
 from sidecar.state import CLIENT_IP, IDENTITY
@@ -456,21 +464,6 @@ class AdminHandlers:
         )
 
 
-MAX_USER_ID_LENGTH = 256
-
-
-def valid_user_id(text: str) -> bool:
-    """A user id as a console reports it: not blank, printable, UTF-8 encodable (no lone
-    surrogates), of sane length. Compared exactly everywhere: no trimming or folding."""
-    if not text.strip() or len(text) > MAX_USER_ID_LENGTH or not text.isprintable():
-        return False
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _csv_safe(value: object) -> str:
     """Spreadsheet formula injection guard: a cell must not start with = + - @ (OWASP)."""
     text = "" if value is None else str(value)
@@ -481,13 +474,20 @@ def add_admin_routes(
     app: web.Application, handlers: Handlers, registry: CollectorRegistry
 ) -> AdminHandlers:
     admin = AdminHandlers(handlers, RefusalLog(registry))
-    p = handlers.prefix
-    r = app.router
-    r.add_get(f"{p}/security", admin.security_page)
-    r.add_get(f"{p}/audit", admin.audit_page)
-    r.add_get(f"{p}/api/admin/security", admin.get_security)
-    r.add_put(f"{p}/api/admin/security", admin.put_security)
-    r.add_get(f"{p}/api/admin/security/preview", admin.preview_handler)
-    r.add_get(f"{p}/api/admin/audit", admin.audit_log)
-    r.add_post(f"{p}/api/admin/users/{{id}}/reset-mfa", admin.reset_mfa)
+    admin_read = frozenset({Guard.SIGNED_IN, Guard.ADMIN, Guard.STEP_UP})
+    admin_write = admin_read | {Guard.SAME_SITE}
+    register(
+        app,
+        handlers.prefix,
+        [
+            # Everyone's own MFA; the organization's part only for verified admins.
+            Route("GET", "/security", admin.security_page, frozenset({Guard.SIGNED_IN})),
+            Route("GET", "/audit", admin.audit_page, admin_read),
+            Route("GET", "/api/admin/security", admin.get_security, admin_read),
+            Route("PUT", "/api/admin/security", admin.put_security, admin_write),
+            Route("GET", "/api/admin/security/preview", admin.preview_handler, admin_read),
+            Route("GET", "/api/admin/audit", admin.audit_log, admin_read),
+            Route("POST", "/api/admin/users/{id}/reset-mfa", admin.reset_mfa, admin_write),
+        ],
+    )
     return admin

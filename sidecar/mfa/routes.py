@@ -31,6 +31,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
@@ -68,6 +69,42 @@ from sidecar.state import CLIENT_IP, IDENTITY, LOG_PATH
 from sidecar.store.base import MfaState, PasskeyRecord, StoreUnavailable
 
 log = logging.getLogger("sidecar.mfa")
+
+
+class Guard(StrEnum):
+    """What a route promises to check before doing anything (a test enumerates the router
+    and tries to get past each one)."""
+
+    SIGNED_IN = "signed_in"  # a console identity, else 401
+    SAME_SITE = "same_site"  # the session's CSRF token, same site; else 403 csrf
+    ADMIN = "admin"  # a role in identity.admin_roles, else 403 forbidden
+    STEP_UP = "step_up"  # verified in the last 10 minutes (of an enrolled account), else 403
+    COUNTED = "counted"  # checks a secret as a counted attempt: 429 while locked out
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    path: str  # below the prefix
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    guards: frozenset[Guard]
+
+
+#: Every route the app registers, with its declared guards ((method, path) -> guards);
+#: routes without guards (static assets, 404s, the proxy) are declared with none.
+ROUTE_GUARDS = web.AppKey("sidecar.route_guards", dict[tuple[str, str], frozenset[Guard]])
+
+
+def register(app: web.Application, prefix: str, routes: list[Route]) -> None:
+    """Add ``routes`` under ``prefix`` and record their declared guards."""
+    declared = app.setdefault(ROUTE_GUARDS, {})
+    for route in routes:
+        path = prefix + route.path
+        # GET answers HEAD too (as aiohttp's add_get does), under the same guards.
+        for method in ("HEAD", "GET") if route.method == "GET" else (route.method,):
+            added = app.router.add_route(method, path, route.handler)
+            declared[(method, added.resource.canonical if added.resource else path)] = route.guards
+
 
 #: How recent a verification must be for sensitive changes (step-up).
 STEP_UP_SECONDS = 600.0
@@ -343,11 +380,11 @@ class Handlers:
 
     async def totp_begin(self, request: web.Request) -> web.Response:
         caller = await self.writer(request)
+        self.enrollment_condition(caller)
         if caller.state.totp:
             raise Refusal(
                 409, "already_enrolled", "An authenticator app is already set up; remove it first."
             )
-        self.enrollment_condition(caller)
         account = caller.identity.email or caller.identity.user_id
         secret, uri, svg = await self.service.begin_totp(
             caller.identity.user_id, account, session_id=session_id(caller.session)
@@ -360,11 +397,11 @@ class Handlers:
         caller = await self.writer(request)
         code = await self.code_from(request, "Enter the 6-digit code from your app.")
         # The same rules as at begin, on the state as it is now.
+        condition = self.enrollment_condition(caller)
         if caller.state.totp:
             raise Refusal(
                 409, "already_enrolled", "An authenticator app is already set up; remove it first."
             )
-        condition = self.enrollment_condition(caller)
         user, sid = caller.identity.user_id, session_id(caller.session)
         pending = await self.service.pending_totp(user, session_id=sid)
         if pending is None:
@@ -451,9 +488,9 @@ class Handlers:
 
     async def remove_totp(self, request: web.Request) -> web.Response:
         caller = await self.writer(request)
+        generation = self.require_step_up(caller, f"{self.prefix}/security")
         if not caller.state.totp:
             raise Refusal(404, "not_found", "No authenticator app is set up.")
-        generation = self.require_step_up(caller, f"{self.prefix}/security")
         if caller.state.passkeys == 0 and self.required(caller.identity):
             raise Refusal(
                 409,
@@ -569,6 +606,7 @@ class Handlers:
 
     async def remove_passkey(self, request: web.Request) -> web.Response:
         caller = await self.writer(request)
+        generation = self.require_step_up(caller, f"{self.prefix}/security")
         shown = request.match_info["id"]
         # Never log a full credential id (the access log writes the path).
         request[LOG_PATH] = f"{self.prefix}/api/passkeys/{shown[:6]}..."
@@ -580,7 +618,6 @@ class Handlers:
         ]
         if not mine:
             raise Refusal(404, "not_found", "No such passkey on your account.")
-        generation = self.require_step_up(caller, f"{self.prefix}/security")
         last = caller.state.passkeys == 1 and not caller.state.totp
         if last and self.required(caller.identity):
             raise Refusal(
@@ -683,30 +720,47 @@ def locked(until: datetime, by: str | None) -> NoReturn:
     )
 
 
+_USER = frozenset({Guard.SIGNED_IN})
+_WRITE = frozenset({Guard.SIGNED_IN, Guard.SAME_SITE})
+_CHANGE = _WRITE | {Guard.STEP_UP}
+_VERIFY = _WRITE | {Guard.COUNTED}
+
+
 def add_routes(app: web.Application, handlers: Handlers) -> None:
     """Register the sidecar's own pages and personal JSON API under the prefix."""
-    p = handlers.prefix
-    r = app.router
-    r.add_get(f"{p}/setup", handlers.setup_page)
-    r.add_get(f"{p}/verify", handlers.verify_page)
-    r.add_get(f"{p}/static/{{name}}", handlers.static)
-    r.add_get(f"{p}/api/status", handlers.status)
-    r.add_post(f"{p}/api/totp/begin", handlers.totp_begin)
-    r.add_post(f"{p}/api/totp/finish", handlers.totp_finish)
-    r.add_delete(f"{p}/api/totp", handlers.remove_totp)
-    r.add_post(f"{p}/api/passkey/begin", handlers.passkey_begin)
-    r.add_post(f"{p}/api/passkey/finish", handlers.passkey_finish)
-    r.add_delete(f"{p}/api/passkeys/{{id}}", handlers.remove_passkey)
-    r.add_post(f"{p}/api/verify/passkey/begin", handlers.verify_passkey_begin)
-    r.add_post(f"{p}/api/verify/passkey/finish", handlers.verify_passkey_finish)
-    r.add_post(f"{p}/api/verify/totp", handlers.verify_totp)
-    r.add_post(f"{p}/api/verify/recovery", handlers.verify_recovery)
-    r.add_post(f"{p}/api/recovery-codes/regenerate", handlers.regenerate_recovery_codes)
+    h = handlers
+    register(
+        app,
+        h.prefix,
+        [
+            Route("GET", "/setup", h.setup_page, _USER),
+            Route("GET", "/verify", h.verify_page, _USER),
+            Route("GET", "/static/{name}", h.static, frozenset()),
+            Route("GET", "/api/status", h.status, _USER),
+            # Adding a method: step-up when the account is enrolled already.
+            Route("POST", "/api/totp/begin", h.totp_begin, _CHANGE),
+            Route("POST", "/api/totp/finish", h.totp_finish, _CHANGE | {Guard.COUNTED}),
+            Route("DELETE", "/api/totp", h.remove_totp, _CHANGE),
+            Route("POST", "/api/passkey/begin", h.passkey_begin, _CHANGE),
+            Route("POST", "/api/passkey/finish", h.passkey_finish, _CHANGE),
+            Route("DELETE", "/api/passkeys/{id}", h.remove_passkey, _CHANGE),
+            Route("POST", "/api/verify/passkey/begin", h.verify_passkey_begin, _VERIFY),
+            Route("POST", "/api/verify/passkey/finish", h.verify_passkey_finish, _VERIFY),
+            Route("POST", "/api/verify/totp", h.verify_totp, _VERIFY),
+            Route("POST", "/api/verify/recovery", h.verify_recovery, _VERIFY),
+            Route("POST", "/api/recovery-codes/regenerate", h.regenerate_recovery_codes, _CHANGE),
+        ],
+    )
 
 
 def add_prefix_fallback(app: web.Application, handlers: Handlers) -> None:
     """404 for anything else under the prefix, registered after every sidecar route and
     before the proxy's catch-all: nothing below the prefix is ever forwarded."""
-    p = handlers.prefix
-    app.router.add_route("*", p, handlers.not_found)
-    app.router.add_route("*", f"{p}/{{tail:.*}}", handlers.not_found)
+    register(
+        app,
+        handlers.prefix,
+        [
+            Route("*", "", handlers.not_found, frozenset()),
+            Route("*", "/{tail:.*}", handlers.not_found, frozenset()),
+        ],
+    )
