@@ -1,13 +1,20 @@
-"""Canonical paths and MFA exemptions: an exemption such as ``/static/`` must never be a way
-around the gate to a console page (``/static/../settings`` and its encoded cousins)."""
+"""Canonical paths, MFA exemptions and redirect targets: an exemption such as ``/static/`` must
+never be a way around the gate to a console page (``/static/../settings`` and its encoded
+cousins), and no redirect target may send a browser to another site."""
 
 from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from sidecar.paths import canonical_path, is_exempt, is_under
+from sidecar.paths import canonical_path, is_exempt, is_local_path, is_under, local_path_or
 
 EXEMPT = ["/logout", "/static/"]
 
@@ -216,3 +223,127 @@ def test_exemption_of_a_canonical_path_stays_under_the_exemption(raw: str) -> No
 def test_ambiguous_separators_are_never_exempt(before: str, separator: str, after: str) -> None:
     for prefix in ("/static/", "/logout/", "/logout"):
         assert not is_exempt(prefix + before + separator + after, EXEMPT)
+
+
+# --- redirect targets ------------------------------------------------------------------------
+
+_C0_AND_SPACE = "".join(map(chr, range(0x21)))
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def browser_leaves_origin(target: str) -> bool:
+    """The oracle: whether a browser following ``target`` from an http(s) page may leave its
+    origin. Written from the WHATWG URL Standard's basic URL parser, not from the rule under
+    test: leading and trailing C0 controls and spaces are stripped, tab/LF/CR removed
+    anywhere, ``\\`` read as ``/``; then ``//`` starts another host and a scheme (``https:``,
+    ``javascript:``) is not a path on this origin at all."""
+    url = target.strip(_C0_AND_SPACE)
+    url = re.sub("[\t\n\r]", "", url).replace("\\", "/")
+    return url.startswith("//") or _SCHEME.match(url) is not None
+
+
+@pytest.mark.parametrize(
+    ("target", "local"),
+    [
+        pytest.param("/", True, id="root"),
+        pytest.param("/settings", True, id="path"),
+        pytest.param("/reports?team=ops&x=//evil", True, id="query with slashes"),
+        pytest.param("/a//b", True, id="double slash later"),
+        pytest.param("/%2F%2Fevil.example", True, id="encoded slashes are not decoded"),
+        pytest.param("/%5Cevil.example", True, id="encoded backslash is not decoded"),
+        pytest.param("/caf\u00e9", True, id="non-ASCII path"),
+        pytest.param("/x#frag", True, id="fragment"),
+        pytest.param("", False, id="empty"),
+        pytest.param("settings", False, id="relative"),
+        pytest.param("//evil.example", False, id="scheme-relative"),
+        pytest.param("///evil.example", False, id="triple slash"),
+        pytest.param("/\\evil.example", False, id="slash backslash"),
+        pytest.param("\\/evil.example", False, id="backslash slash"),
+        pytest.param("\\\\evil.example", False, id="two backslashes"),
+        pytest.param("/x\\y", False, id="backslash anywhere"),
+        pytest.param("/\t/evil.example", False, id="tab between the slashes"),
+        pytest.param("/\n/evil.example", False, id="LF between the slashes"),
+        pytest.param("/\r/evil.example", False, id="CR between the slashes"),
+        pytest.param("/\\\t\\evil.example", False, id="backslash tab backslash"),
+        pytest.param(" //evil.example", False, id="leading space"),
+        pytest.param("\x00//evil.example", False, id="leading NUL"),
+        pytest.param("/ok\r\nSet-Cookie: x=1", False, id="header injection"),
+        pytest.param("/x\x7f", False, id="DEL"),
+        pytest.param("/x\x85", False, id="C1 NEL"),
+        pytest.param("https://evil.example/", False, id="absolute"),
+        pytest.param("javascript:alert(1)", False, id="javascript"),
+        pytest.param("http:/evil.example", False, id="scheme with one slash"),
+    ],
+)
+def test_is_local_path(target: str, local: bool) -> None:
+    assert is_local_path(target) is local
+    assert local_path_or(target, "/home") == (target if local else "/home")
+    if local:
+        assert not browser_leaves_origin(target)
+
+
+def test_local_path_or_none() -> None:
+    assert local_path_or(None) == "/"
+
+
+# Redirect-target building blocks: what browsers clean up or reinterpret, and what they don't.
+TARGET_PIECES = ["/", "//", "\\", ".", "..", "%2e", "%2f", "%5c", "evil.example", "x", "?", "#"]
+TARGET_CHARS = ["\t", "\n", "\r", " ", "\x00", "\x0b", "\x1f", "\x7f", "\x85", "\u3000", ":"]
+TARGETS = st.one_of(
+    st.lists(st.sampled_from([*TARGET_PIECES, *TARGET_CHARS]), max_size=10).map("".join),
+    st.text(max_size=16),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(TARGETS)
+@example("/\\evil.example")
+@example("/\t/evil.example")
+@example("\t//evil.example")
+def test_no_local_path_leaves_the_origin(target: str) -> None:
+    if is_local_path(target):
+        assert not browser_leaves_origin(target)
+
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "sidecar" / "mfa" / "static"
+_JS_RULE = re.compile(r"const localPath = (\(p\) => .*?);\n", re.DOTALL)
+JS_CASES = [
+    "/",
+    "/settings?x=1",
+    "/%5Cx",
+    "/caf\u00e9",
+    "",
+    "x",
+    "//evil.example",
+    "/\\evil.example",
+    "/\t/evil.example",
+    "/x\n",
+    "/x\x7f",
+    "/x\x85",
+    "/x\x9f",
+    "/x\xa0",
+    "https://evil.example",
+]
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not on PATH")
+@pytest.mark.parametrize("script", ["mfa.js", "security.js"])
+def test_the_pages_scripts_apply_the_same_rule(script: str) -> None:
+    """The JS twin of ``is_local_path`` agrees with it, case by case."""
+    node = shutil.which("node")
+    assert node
+    found = _JS_RULE.search((SCRIPTS / script).read_text())
+    assert found, f"{script} no longer defines localPath"
+    program = (
+        f"const localPath = {found.group(1)};\n"
+        "const cases = JSON.parse(require('fs').readFileSync(0, 'utf8'));\n"
+        "process.stdout.write(JSON.stringify(cases.map((c) => localPath(c) === c)));"
+    )
+    result = subprocess.run(
+        [node, "-e", program],
+        input=json.dumps(JS_CASES),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(result.stdout) == [is_local_path(case) for case in JS_CASES]

@@ -9,9 +9,10 @@ Security assumptions:
 
 - Every dynamic value is written through :func:`html.escape` (quotes included), in text and
   in attributes alike.
-- ``next`` and ``continue`` targets are re-checked here to be same-origin relative paths
-  (``/x``, never ``//host``, ``/\\host`` or ``javascript:``); anything else becomes ``/``. The
-  caller validates them already; this is defence in depth against an open redirect.
+- ``next`` and ``continue`` targets are re-checked here with ``paths.is_local_path`` (``/x``,
+  never ``//host``, ``/\\host``, a tab or newline inside, or ``javascript:``); anything else
+  becomes ``/``. The caller validates them already; this is defence in depth against an open
+  redirect.
 - No inline ``<script>``, no ``<style>`` element, no ``style=`` or ``on*=`` attribute, and only
   same-origin assets, so the pages work under
   ``Content-Security-Policy: default-src 'self'; img-src 'self' data:; style-src 'self'``.
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from urllib.parse import urlencode
+
+from sidecar.paths import local_path_or
 
 #: The files ``static_file`` serves, with the content type to send them with.
 STATIC_FILES: Mapping[str, str] = {
@@ -84,15 +87,8 @@ def static_file(name: str) -> bytes | None:
 
 
 def local_path(path: str) -> str:
-    """``path`` if it is a same-origin relative path, else ``"/"``."""
-    if (
-        not path.startswith("/")
-        or path.startswith("//")
-        or "\\" in path  # browsers read "/\evil.example" as "//evil.example"
-        or any(ord(char) < 0x20 or ord(char) == 0x7F for char in path)
-    ):
-        return "/"
-    return path
+    """``path`` if a browser resolves it on this origin (``paths.is_local_path``), else ``/``."""
+    return local_path_or(path, "/")
 
 
 def format_utc(moment: datetime) -> str:

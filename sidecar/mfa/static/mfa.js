@@ -11,9 +11,12 @@
   let csrfToken = main.dataset.csrfToken || "";
   const statusEl = byId("mfa-status");
 
-  // Same rule as pages.local_path: a same-origin relative path only, never "//host".
+  // Mirrors sidecar.paths.is_local_path, the one rule for redirect targets (keep them the
+  // same): exactly one leading "/", and no "\\" or control character anywhere, because the
+  // URL parser reads "\\" as "/" and drops tab/CR/LF, so "/\\host" or "/<tab>/host" would
+  // become "//host" (another site). Anything else goes to "/".
   const localPath = (p) => (typeof p === "string" && p.startsWith("/") && !p.startsWith("//")
-    && !p.includes("\\") ? p : "/");
+    && !/[\\\u0000-\u001f\u007f-\u009f]/.test(p) ? p : "/");
   const nextPath = localPath(main.dataset.nextPath);
   const goNext = () => window.location.assign(nextPath);
 
