@@ -13,6 +13,7 @@
   const statusEl = byId("mfa-status");
   const FLASH = "sidecar-security-flash";
 
+
   // Mirrors sidecar.paths.is_local_path, the one rule for redirect targets (keep them the
   // same): exactly one leading "/", and no "\\" or control character anywhere, because the
   // URL parser reads "\\" as "/" and drops tab/CR/LF, so "/\\host" or "/<tab>/host" would
@@ -379,6 +380,10 @@
     personal();
     policy();
     ipLists();
+    // The settings forms are rendered inside <fieldset disabled data-needs-script>: without
+    // this script they can't be submitted the browser's way (a GET would put the IP lists in
+    // the URL). Enabled now that the handlers, which send them as JSON, are in place.
+    for (const el of main.querySelectorAll("[data-needs-script]")) el.disabled = false;
   } else if (main.dataset.page === "audit") {
     auditPage();
   }
