@@ -116,15 +116,11 @@ def is_exempt(path: str, exempt_paths: Sequence[str]) -> bool:
     ``/logoutx``). Only plain paths (:func:`is_plain`) match: ambiguous separators, escapes
     other servers decode differently and anything outside printable ASCII never do.
     """
-    if not is_plain(path):
-        return False
-    for entry in exempt_paths:
-        if entry.endswith("/"):
-            if path.startswith(entry):
-                return True
-        elif path == entry or path.startswith(entry + "/"):
-            return True
-    return False
+    under = any(
+        path.startswith(entry) if entry.endswith("/") else is_under(path, entry)
+        for entry in exempt_paths
+    )
+    return under and is_plain(path)  # in that order: most paths are under no exemption
 
 
 def is_under(path: str, prefix: str) -> bool:
