@@ -16,9 +16,11 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from html import escape
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 from aiohttp import WSMsgType, web
+
+from sidecar.paths import local_path_or
 
 SESSION_COOKIE = "console_session"
 WS_SUBPROTOCOL = "echo.v1"
@@ -78,19 +80,9 @@ _INLINE_CSS = (
 
 
 def safe_next(target: str | None) -> str:
-    """Return ``target`` if it is a same-origin relative path, else ``/``.
-
-    Refuses absolute URLs, scheme-relative ``//host`` and ``/\\host`` (browsers treat a
-    backslash as a slash), and anything with control characters.
-    """
-    if not target or not target.startswith("/") or target.startswith(("//", "/\\")):
-        return "/"
-    if "\\" in target or any(ord(c) < 0x20 or ord(c) == 0x7F for c in target):
-        return "/"
-    parts = urlsplit(target)
-    if parts.scheme or parts.netloc:
-        return "/"
-    return target
+    """Return ``target`` if a browser resolves it on this site, else ``/``: the sidecar's own
+    local-redirect rule (``sidecar.paths.is_local_path``)."""
+    return local_path_or(target, "/")
 
 
 def current_user(request: web.Request) -> DemoUser | None:

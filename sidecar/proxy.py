@@ -47,7 +47,7 @@ from sidecar.http_fields import connection_tokens as _connection_tokens_of
 from sidecar.identity.base import console_cookies
 from sidecar.logs import describe_error as _describe
 from sidecar.metrics import Metrics
-from sidecar.paths import is_under
+from sidecar.paths import is_under, may_reach_prefix
 from sidecar.state import DECISION, FORWARDING, PEER_TRUSTED, REASON, UPSTREAM_STATUS
 
 log = logging.getLogger("sidecar.proxy")
@@ -352,10 +352,13 @@ class Proxy:
         target = request.rel_url.raw_path_qs
         if not target.startswith("/"):
             return web.Response(status=400, text="bad request target\n")
-        if is_under(request.path, self._prefix):
+        if is_under(request.path, self._prefix) or may_reach_prefix(
+            request.rel_url.raw_path, self._prefix
+        ):
             # Decoded, this is a sidecar path ("/mfa%2F..%2Fadmin"): the router did not match
             # it to a sidecar route, and the console may decode it the same way. Never
-            # forward anything below the prefix.
+            # forward anything below the prefix, however a server may decode it
+            # ("/mfa%C0%AFadmin", "/%EF%BD%8Dfa/admin", "/MFA/admin": see sidecar.paths).
             return web.Response(status=404, text="not found\n")
         if (
             request.method == "GET"

@@ -9,9 +9,16 @@ Security assumptions:
 
 - Every dynamic value is written through :func:`html.escape` (quotes included), in text and
   in attributes alike.
-- ``next`` and ``continue`` targets are re-checked here to be same-origin relative paths
-  (``/x``, never ``//host``, ``/\\host`` or ``javascript:``); anything else becomes ``/``. The
-  caller validates them already; this is defence in depth against an open redirect.
+- ``next`` and ``continue`` targets are re-checked here with ``paths.is_local_path`` (``/x``,
+  never ``//host``, ``/\\host``, a tab or newline inside, or ``javascript:``); anything else
+  becomes ``/``. The caller validates them already; this is defence in depth against an open
+  redirect.
+- Codes never travel in URLs. Every form is ``method="post"`` and its controls sit in a
+  ``<fieldset disabled data-needs-script>`` that only mfa.js enables (it then sends the
+  values to the JSON API in a request body). Without script the forms cannot be submitted at
+  all, so the browser's own GET submission cannot put a TOTP or recovery code in the address
+  bar, history, server logs or a ``Referer``; ``<noscript>`` says the page needs JavaScript.
+  The API reads codes from the JSON body only, never from the query string.
 - No inline ``<script>``, no ``<style>`` element, no ``style=`` or ``on*=`` attribute, and only
   same-origin assets, so the pages work under
   ``Content-Security-Policy: default-src 'self'; img-src 'self' data:; style-src 'self'``.
@@ -26,6 +33,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from urllib.parse import urlencode
+
+from sidecar.paths import local_path_or
 
 #: The files ``static_file`` serves, with the content type to send them with.
 STATIC_FILES: Mapping[str, str] = {
@@ -84,15 +93,8 @@ def static_file(name: str) -> bytes | None:
 
 
 def local_path(path: str) -> str:
-    """``path`` if it is a same-origin relative path, else ``"/"``."""
-    if (
-        not path.startswith("/")
-        or path.startswith("//")
-        or "\\" in path  # browsers read "/\evil.example" as "//evil.example"
-        or any(ord(char) < 0x20 or ord(char) == 0x7F for char in path)
-    ):
-        return "/"
-    return path
+    """``path`` if a browser resolves it on this origin (``paths.is_local_path``), else ``/``."""
+    return local_path_or(path, "/")
 
 
 def format_utc(moment: datetime) -> str:
@@ -179,22 +181,27 @@ def render_setup(
 <p class="lead">{intro}</p>
 {notice}
 {_STATUS}
-<noscript><p class="notice notice-error">This page needs JavaScript to set up MFA.</p></noscript>
+<noscript><p class="notice notice-error">This page needs JavaScript to set up MFA. Turn it on
+  for this site and reload the page; until then the forms below can't be used.</p></noscript>
 
 <section class="card" id="passkey-section" aria-labelledby="passkey-title">
   <h2 id="passkey-title">Create a passkey</h2>
   <p>{_e(_PASSKEY_WHAT)}</p>
   <p class="notice notice-info" id="passkey-unsupported" hidden>This browser can't create
     passkeys. Use an authenticator app instead.</p>
-  <form id="passkey-form" novalidate>
-    <div class="field">
-      <label for="passkey-name">Name for this passkey</label>
-      <input id="passkey-name" name="name" type="text" value="Passkey" maxlength="64"
-        autocomplete="off" required aria-describedby="passkey-name-hint">
-      <p class="hint" id="passkey-name-hint">Helps you tell your passkeys apart later,
-        for example "Work laptop".</p>
-    </div>
-    <button type="submit" class="button button-primary" id="passkey-create">Create passkey</button>
+  <form id="passkey-form" method="post" novalidate>
+    <fieldset disabled data-needs-script>
+      <legend class="visually-hidden">New passkey</legend>
+      <div class="field">
+        <label for="passkey-name">Name for this passkey</label>
+        <input id="passkey-name" name="name" type="text" value="Passkey" maxlength="64"
+          autocomplete="off" required aria-describedby="passkey-name-hint">
+        <p class="hint" id="passkey-name-hint">Helps you tell your passkeys apart later,
+          for example "Work laptop".</p>
+      </div>
+      <button type="submit" class="button button-primary"
+        id="passkey-create">Create passkey</button>
+    </fieldset>
   </form>
   <p class="alternative">
     <button type="button" class="button button-link" id="show-totp"
@@ -213,8 +220,8 @@ def render_setup(
     <p>Can't scan it? Enter this key in the app instead:</p>
     <p class="secret-row"><code class="secret" id="totp-secret"></code>
       <button type="button" class="button button-small" id="totp-copy-secret">Copy key</button></p>
-    <form id="totp-form" novalidate>
-      <fieldset>
+    <form id="totp-form" method="post" novalidate>
+      <fieldset disabled data-needs-script>
         <legend>Confirm the app works</legend>
         <div class="field">
           <label for="totp-code">6-digit code from the app</label>
@@ -239,11 +246,14 @@ def render_setup(
     <button type="button" class="button" id="recovery-copy">Copy</button>
     <button type="button" class="button" id="recovery-download">Download</button>
   </p>
-  <form id="recovery-form">
-    <label class="check"><input type="checkbox" id="recovery-saved" required>
-      I saved my recovery codes</label>
-    <button type="submit" class="button button-primary" id="recovery-continue"
-      disabled>Continue</button>
+  <form id="recovery-form" method="post">
+    <fieldset disabled data-needs-script>
+      <legend class="visually-hidden">Recovery codes saved</legend>
+      <label class="check"><input type="checkbox" id="recovery-saved" required>
+        I saved my recovery codes</label>
+      <button type="submit" class="button button-primary" id="recovery-continue"
+        disabled>Continue</button>
+    </fieldset>
   </form>
 </section>
 {skip}
@@ -260,11 +270,10 @@ def render_verify(
     now: datetime | None = None,
 ) -> str:
     """ "Confirm it's you": passkey first, then the authenticator-app code, then a recovery
-    code. While ``locked_until`` lies ahead the forms are rendered disabled (mfa.js
-    re-enables them when it passes)."""
+    code. The controls are rendered disabled: mfa.js enables them, unless ``locked_until``
+    lies ahead (then when it passes)."""
     now = _now(now)
     locked = locked_until is not None and _as_utc(locked_until) > now
-    disabled = " disabled" if locked else ""
     app = _e(ctx.app_name)
 
     lock_text = ""
@@ -280,26 +289,26 @@ def render_verify(
 
     sections = []
     if has_passkeys:
-        sections.append(f"""
+        sections.append("""
 <section class="card" id="passkey-verify" aria-labelledby="passkey-verify-title">
   <h2 id="passkey-verify-title">Passkey</h2>
   <p>Use Face ID, Touch ID, Windows Hello, your phone or a security key.</p>
   <p class="notice notice-info" id="passkey-verify-unsupported" hidden>This browser can't use
     passkeys. Use one of the other ways below.</p>
   <button type="button" class="button button-primary" id="passkey-verify-button"
-    data-lockable{disabled}>Use passkey</button>
+    data-lockable disabled data-needs-script>Use passkey</button>
 </section>""")
     if has_totp:
-        sections.append(f"""
+        sections.append("""
 <section class="card" aria-labelledby="totp-verify-title">
   <h2 id="totp-verify-title">Authenticator app</h2>
-  <form id="totp-verify-form" novalidate>
-    <fieldset data-lockable{disabled}>
+  <form id="totp-verify-form" method="post" novalidate>
+    <fieldset data-lockable disabled data-needs-script>
       <legend class="visually-hidden">Code from your authenticator app</legend>
       <div class="field">
         <label for="verify-code">6-digit code from your authenticator app</label>
         <input id="verify-code" name="code" type="text" inputmode="numeric"
-          autocomplete="one-time-code" pattern="[0-9]{{3}}[ \\-]?[0-9]{{3}}" maxlength="7"
+          autocomplete="one-time-code" pattern="[0-9]{3}[ \\-]?[0-9]{3}" maxlength="7"
           required>
       </div>
       <button type="submit" class="button button-primary">Verify</button>
@@ -311,8 +320,8 @@ def render_verify(
 <section class="card">
   <details id="recovery-details"{open_recovery}>
     <summary>Use a recovery code</summary>
-    <form id="recovery-verify-form" novalidate>
-      <fieldset data-lockable{disabled}>
+    <form id="recovery-verify-form" method="post" novalidate>
+      <fieldset data-lockable disabled data-needs-script>
         <legend class="visually-hidden">Recovery code</legend>
         <div class="field">
           <label for="recovery-code">Recovery code</label>
@@ -333,7 +342,8 @@ def render_verify(
 <p class="lead">To continue to {app}, confirm it's you with one of your sign-in methods.</p>
 {lockout}
 {_STATUS}
-<noscript><p class="notice notice-error">This page needs JavaScript to confirm it's you.</p>
+<noscript><p class="notice notice-error">This page needs JavaScript to confirm it's you.
+  Turn it on for this site and reload the page; until then the forms below can't be used.</p>
 </noscript>
 {"".join(sections)}
 """

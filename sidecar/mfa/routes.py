@@ -64,6 +64,7 @@ from sidecar.mfa.session import (
     view,
 )
 from sidecar.middleware.mfa_gate import binding_of
+from sidecar.paths import is_local_path
 from sidecar.settings import SettingsService
 from sidecar.state import CLIENT_IP, IDENTITY, LOG_PATH
 from sidecar.store.base import MfaState, PasskeyRecord, StoreUnavailable
@@ -117,16 +118,13 @@ _NO_STORE = {"Cache-Control": "no-store"}
 def safe_next(value: str | None, prefix: str) -> str:
     """A same-origin relative path to go to after setup or verification, else ``/``.
 
-    Refuses absolute URLs, scheme-relative ``//host``, ``/\\host`` (browsers read ``\\`` as
-    ``/``), control characters, and the sidecar's own pages (no loops).
+    Local means what ``paths.is_local_path`` says (the one rule for redirect targets); on top
+    of it, the sidecar's own pages are refused (no loops), except the pages that send a user
+    to verify for a step-up.
     """
-    if not value or not value.startswith("/") or value.startswith("//"):
-        return "/"
-    if "\\" in value or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+    if value is None or not is_local_path(value):
         return "/"
     parts = urlsplit(value)
-    if parts.scheme or parts.netloc:
-        return "/"
     if parts.path in (f"{prefix}/security", f"{prefix}/audit"):
         return value  # back to the page that sent the user to verify (step-up)
     if parts.path == prefix or parts.path.startswith(prefix + "/"):

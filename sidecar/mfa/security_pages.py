@@ -13,6 +13,11 @@ Security assumptions (the same as :mod:`sidecar.mfa.pages`):
 - No inline ``<script>``, no ``<style>`` element, no ``style=`` or ``on*=`` attribute, only
   same-origin assets: the pages work under
   ``Content-Security-Policy: default-src 'self'; img-src 'self' data:; style-src 'self'``.
+- The settings forms post (``method="post"``) and are rendered inside ``<fieldset disabled
+  data-needs-script>``, enabled by security.js, which sends them as JSON: without script they
+  cannot be submitted, so the IP lists and the policy never land in a URL. The audit filter
+  form is the one GET form: it carries no secret and no change, only a search that is meant
+  to be bookmarkable (security.js writes it into the address bar itself).
 - What a member may see is decided here from ``privileged`` and ``settings``; the JSON API
   enforces the same rules again for every call (this is presentation, not access control).
 """
@@ -162,7 +167,8 @@ def render_security(
     body = f"""
 {_head(ctx, "Security", audit_link)}
 {_STATUS}
-<noscript><p class="notice notice-error">Changing these settings needs JavaScript.</p></noscript>
+<noscript><p class="notice notice-error">Changing these settings needs JavaScript. Turn it on
+  for this site and reload the page; until then the forms below can't be used.</p></noscript>
 {_personal_card(prefix, methods)}
 {org}
 {_outside_card(ctx, session_lifetime=session_lifetime, verify_every=verify_every, lockout=lockout)}
@@ -188,7 +194,7 @@ def render_audit(ctx: PageContext) -> str:
   without it.</p></noscript>
 <section class="card" aria-labelledby="audit-filter-title">
   <h2 id="audit-filter-title" class="visually-hidden">Filter and export</h2>
-  <form id="audit-filters" class="filters" novalidate>
+  <form id="audit-filters" class="filters" method="get" novalidate>
     <div class="field">
       <label for="audit-action">Action</label>
       <input type="text" id="audit-action" name="action" list="audit-actions" autocomplete="off"
@@ -337,39 +343,45 @@ def _org_cards(prefix: str, settings: Mapping[str, Any], preview: Mapping[str, A
 <section class="card" id="policy-card" aria-labelledby="policy-title">
   <h2 id="policy-title">Organization MFA policy</h2>
   {note}
-  <form id="policy-form" novalidate>
-    <fieldset{off}>
-      <legend>Who must use MFA</legend>
-      {"".join(choices)}
+  <form id="policy-form" method="post" novalidate>
+    <fieldset disabled data-needs-script>
+      <legend class="visually-hidden">MFA policy</legend>
+      <fieldset{off}>
+        <legend>Who must use MFA</legend>
+        {"".join(choices)}
+      </fieldset>
+      <div class="field">
+        <label for="grace-hours">Grace period in hours</label>
+        <input type="number" id="grace-hours" name="grace_hours" min="0" step="any"
+          inputmode="decimal" value="{_e(_number(grace / 3600))}"
+          aria-describedby="grace-hint"{off}>
+        <p class="hint" id="grace-hint">How long someone who newly has to use MFA can keep
+          working without it. Now: <span id="grace-current">{_e(describe_grace(grace))}</span>.
+          Shortening it applies at once; tightening the policy starts new grace periods.</p>
+      </div>
+      <p class="preview" id="policy-preview" aria-live="polite">{shown}</p>
+      <button type="submit" class="button button-primary"
+        id="policy-save"{off}>Save policy</button>
     </fieldset>
-    <div class="field">
-      <label for="grace-hours">Grace period in hours</label>
-      <input type="number" id="grace-hours" name="grace_hours" min="0" step="any"
-        inputmode="decimal" value="{_e(_number(grace / 3600))}"
-        aria-describedby="grace-hint"{off}>
-      <p class="hint" id="grace-hint">How long someone who newly has to use MFA can keep
-        working without it. Now: <span id="grace-current">{_e(describe_grace(grace))}</span>.
-        Shortening it applies at once; tightening the policy starts new grace periods.</p>
-    </div>
-    <p class="preview" id="policy-preview" aria-live="polite">{shown}</p>
-    <button type="submit" class="button button-primary"
-      id="policy-save"{off}>Save policy</button>
   </form>
 </section>
 <section class="card" id="ip-card" aria-labelledby="ip-title">
   <h2 id="ip-title">IP restrictions</h2>
   {note}
   <p class="notice notice-info" id="ip-order-note">{_e(IP_ORDER_NOTE)}</p>
-  <form id="ip-form" novalidate>
-    {allowlist}
-    {denylist}
-    <div class="notice notice-warning" id="ip-lockout" role="alert" hidden>
-      <p id="ip-lockout-text"></p>
-      <p class="button-row"><button type="button" class="button"
-        id="ip-save-anyway"{off}>Save anyway</button></p>
-    </div>
-    <button type="submit" class="button button-primary"
-      id="ip-save"{off}>Save IP restrictions</button>
+  <form id="ip-form" method="post" novalidate>
+    <fieldset disabled data-needs-script>
+      <legend class="visually-hidden">IP restrictions</legend>
+      {allowlist}
+      {denylist}
+      <div class="notice notice-warning" id="ip-lockout" role="alert" hidden>
+        <p id="ip-lockout-text"></p>
+        <p class="button-row"><button type="button" class="button"
+          id="ip-save-anyway"{off}>Save anyway</button></p>
+      </div>
+      <button type="submit" class="button button-primary"
+        id="ip-save"{off}>Save IP restrictions</button>
+    </fieldset>
   </form>
 </section>"""
 

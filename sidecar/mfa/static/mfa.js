@@ -11,9 +11,19 @@
   let csrfToken = main.dataset.csrfToken || "";
   const statusEl = byId("mfa-status");
 
-  // Same rule as pages.local_path: a same-origin relative path only, never "//host".
+  // The pages render their forms inside <fieldset disabled data-needs-script>: without this
+  // script they can't be submitted the browser's way (a GET would put a code in the URL).
+  // Enabled once the page's handlers are in place, which send the values as JSON instead.
+  const enableForms = () => {
+    for (const el of main.querySelectorAll("[data-needs-script]")) el.disabled = false;
+  };
+
+  // Mirrors sidecar.paths.is_local_path, the one rule for redirect targets (keep them the
+  // same): exactly one leading "/", and no "\\" or control character anywhere, because the
+  // URL parser reads "\\" as "/" and drops tab/CR/LF, so "/\\host" or "/<tab>/host" would
+  // become "//host" (another site). Anything else goes to "/".
   const localPath = (p) => (typeof p === "string" && p.startsWith("/") && !p.startsWith("//")
-    && !p.includes("\\") ? p : "/");
+    && !/[\\\u0000-\u001f\u007f-\u009f]/.test(p) ? p : "/");
   const nextPath = localPath(main.dataset.nextPath);
   const goNext = () => window.location.assign(nextPath);
 
@@ -265,6 +275,7 @@
       });
       if (err && err.code === "invalid_code") markInvalid(input);
     });
+    enableForms();
   }
 
   // --- verify page -------------------------------------------------------------------------
@@ -290,7 +301,6 @@
         say("You can try again now.");
       }, Math.min(ms + 500, 2147483000));
     }
-    if (main.dataset.lockedUntil) lock(main.dataset.lockedUntil, "");
 
     async function attempt(run, button, input) {
       const err = await withButton(button, async () => {
@@ -344,6 +354,8 @@
       "Enter the 6-digit code from your authenticator app.");
     codeForm("recovery-verify-form", "recovery-code", "verify/recovery", null,
       "Enter one of your recovery codes.");
+    enableForms();
+    if (main.dataset.lockedUntil) lock(main.dataset.lockedUntil, "");
   }
 
   if (main.dataset.page === "setup") setupPage();

@@ -13,9 +13,13 @@
   const statusEl = byId("mfa-status");
   const FLASH = "sidecar-security-flash";
 
-  // Same rule as pages.local_path: a same-origin relative path only, never "//host".
+
+  // Mirrors sidecar.paths.is_local_path, the one rule for redirect targets (keep them the
+  // same): exactly one leading "/", and no "\\" or control character anywhere, because the
+  // URL parser reads "\\" as "/" and drops tab/CR/LF, so "/\\host" or "/<tab>/host" would
+  // become "//host" (another site). Anything else goes to "/".
   const localPath = (p) => (typeof p === "string" && p.startsWith("/") && !p.startsWith("//")
-    && !p.includes("\\") ? p : "/");
+    && !/[\\\u0000-\u001f\u007f-\u009f]/.test(p) ? p : "/");
   const plural = (n, unit) => `${n} ${unit}${n === 1 ? "" : "s"}`;
   const make = (tag, props) => Object.assign(document.createElement(tag), props);
   const say = (text, kind = "info") => {
@@ -376,6 +380,10 @@
     personal();
     policy();
     ipLists();
+    // The settings forms are rendered inside <fieldset disabled data-needs-script>: without
+    // this script they can't be submitted the browser's way (a GET would put the IP lists in
+    // the URL). Enabled now that the handlers, which send them as JSON, are in place.
+    for (const el of main.querySelectorAll("[data-needs-script]")) el.disabled = false;
   } else if (main.dataset.page === "audit") {
     auditPage();
   }
