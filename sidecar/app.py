@@ -172,6 +172,7 @@ def build_app(
         transport=lambda: app[UPSTREAM],
         metrics=metrics,
         max_body_size=config.listen.max_body_size,
+        websocket_max_message=config.upstream.websocket_max_message,
         session_cookie=config.mfa.session.cookie_name,
         identity_headers=identity_header_names(config),
         prefix=config.mfa.path_prefix,

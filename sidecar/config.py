@@ -134,6 +134,14 @@ def parse_size(value: object) -> int:
     return size
 
 
+def _at_most_1gib(size: int) -> int:
+    # Beyond this, one message per connection is a memory budget no console needs (and
+    # aiohttp's WebSocket reader keeps its limit in a 32-bit field).
+    if size > 1024**3:
+        raise _bad("must be at most 1GiB")
+    return size
+
+
 def parse_cidr(value: object) -> IpNetwork:
     """A CIDR such as ``10.0.0.0/8`` or ``2001:db8::/32``; a bare address means /32 or /128.
 
@@ -241,6 +249,9 @@ class Upstream(_Section):
     # How long an idle pooled connection is kept; keep it below the console's own idle
     # timeout, or a request may meet a connection the console is just closing.
     keepalive_timeout: Duration = 15.0
+    # Largest WebSocket message relayed, in either direction; a bigger one closes the
+    # WebSocket with 1009. A message is held whole in memory while it is relayed.
+    websocket_max_message: Annotated[Size, AfterValidator(_at_most_1gib)] = 1024**2
 
     @field_validator("url")
     @classmethod

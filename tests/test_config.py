@@ -163,6 +163,16 @@ BAD_VALUES = [
         id="size-zero",
     ),
     pytest.param(
+        "upstream: {websocket_max_message: 2GiB}",
+        "upstream.websocket_max_message: '2GiB' must be at most 1GiB",
+        id="websocket-message-over-1gib",
+    ),
+    pytest.param(
+        "upstream: {websocket_max_message: 0}",
+        "upstream.websocket_max_message: 0 must be positive",
+        id="websocket-message-zero",
+    ),
+    pytest.param(
         "upstream: {url: 'ftp://console.internal'}",
         "upstream.url: 'ftp://console.internal' is not an http:// or https:// URL with a host",
         id="upstream-url-scheme",
