@@ -231,6 +231,12 @@ class Listen(_Section):
     host: str = "0.0.0.0"
     port: Port = 8080
     max_body_size: Size = 64 * 1024**2
+    # A complete request head must arrive this soon after the accept (or after the first
+    # byte of a later request on a kept-alive connection).
+    header_timeout: PositiveDuration = 15.0
+    # Open connections, in total and from one TCP peer address (trusted proxies exempt).
+    max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
+    max_connections_per_address: Annotated[int, Field(ge=1, le=1_000_000)] = 256
     tls: Tls | None = None
     # How long SIGTERM waits for in-flight requests and WebSockets before closing them.
     drain_timeout: Duration = 30.0

@@ -2,7 +2,9 @@
 
 A permessage-deflate frame of 64 KiB inflates to 64 MiB; a frame header can announce any
 length. Each test sends what an attacker would and asserts what the client and the console
-see: the close code, and that the refused message never reached the other side.
+see: the close code, and that the refused message never reached the other side. The sidecar
+is served as ``sidecar run`` serves it, so the relay's own close path runs (the test
+client's server would cancel the handler when the client's connection drops).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pytest
 from aiohttp import WSMsgType, web
 
 from sidecar.proxy import close_code_for_peer
-from tests.conftest import SidecarFactory
+from tests.conftest import ServeFactory
 
 CAP = 64 * 1024
 LIMITS = {"upstream": {"websocket_max_message": "64KiB"}}
@@ -128,11 +130,10 @@ def deflated_zeros(size: int) -> bytes:
 
 
 async def test_deflate_offered_by_the_client_is_not_negotiated_on_either_leg(
-    sidecar_for: SidecarFactory,
+    serve_sidecar: ServeFactory,
 ) -> None:
     console = console_app()
-    client = await sidecar_for(console)
-    assert client.port is not None
+    client = await serve_sidecar(console)
     _, writer, head = await raw_upgrade(
         client.port, extensions="permessage-deflate; client_max_window_bits"
     )
@@ -145,11 +146,10 @@ async def test_deflate_offered_by_the_client_is_not_negotiated_on_either_leg(
 
 
 async def test_a_compressed_frame_from_the_client_is_refused_not_inflated(
-    sidecar_for: SidecarFactory,
+    serve_sidecar: ServeFactory,
 ) -> None:
     console = console_app()
-    client = await sidecar_for(console)
-    assert client.port is not None
+    client = await serve_sidecar(console)
     bomb = deflated_zeros(64 * 1024**2)  # 64 MiB of zeros in about 64 KiB
     assert len(bomb) < 100 * 1024
     reader, writer, head = await raw_upgrade(client.port, extensions="permessage-deflate")
@@ -164,11 +164,11 @@ async def test_a_compressed_frame_from_the_client_is_refused_not_inflated(
 
 
 async def test_a_compressed_frame_from_the_console_is_refused_not_inflated(
-    sidecar_for: SidecarFactory,
+    serve_sidecar: ServeFactory,
 ) -> None:
     console = console_app()
-    client = await sidecar_for(console)
-    async with client.ws_connect("/ws") as ws:
+    client = await serve_sidecar(console)
+    async with aiohttp.ClientSession() as session, session.ws_connect(client.url("/ws")) as ws:
         await ws.send_str(f"deflate {64 * 1024**2}")
         closing = await ws.receive(timeout=10)
         assert closing.type is WSMsgType.CLOSE
@@ -180,11 +180,11 @@ async def test_a_compressed_frame_from_the_console_is_refused_not_inflated(
 
 
 async def test_a_message_of_exactly_the_cap_passes_both_ways(
-    sidecar_for: SidecarFactory,
+    serve_sidecar: ServeFactory,
 ) -> None:
     console = console_app()
-    client = await sidecar_for(console, **LIMITS)
-    async with client.ws_connect("/ws") as ws:
+    client = await serve_sidecar(console, **LIMITS)
+    async with aiohttp.ClientSession() as session, session.ws_connect(client.url("/ws")) as ws:
         await ws.send_bytes(b"y" * CAP)
         await ws.send_str(f"send {CAP}")
         answer = await ws.receive(timeout=10)
@@ -195,11 +195,10 @@ async def test_a_message_of_exactly_the_cap_passes_both_ways(
 
 @pytest.mark.parametrize("kind", ["binary", "text", "fragmented"])
 async def test_a_client_message_over_the_cap_closes_with_1009_and_never_reaches_the_console(
-    sidecar_for: SidecarFactory, kind: str
+    serve_sidecar: ServeFactory, kind: str
 ) -> None:
     console = console_app()
-    client = await sidecar_for(console, **LIMITS)
-    assert client.port is not None
+    client = await serve_sidecar(console, **LIMITS)
     reader, writer, head = await raw_upgrade(client.port, extensions="x-none")
     try:
         assert head[0].startswith(b"HTTP/1.1 101")
@@ -228,12 +227,11 @@ def _fragment(payload: bytes, *, first: bool) -> bytes:
 
 
 async def test_a_frame_announcing_4gib_is_refused_before_any_payload_is_buffered(
-    sidecar_for: SidecarFactory,
+    serve_sidecar: ServeFactory,
 ) -> None:
     # Default cap (1 MiB): the header alone is refused; the client never sends the payload.
     console = console_app()
-    client = await sidecar_for(console)
-    assert client.port is not None
+    client = await serve_sidecar(console)
     reader, writer, _ = await raw_upgrade(client.port, extensions="x-none")
     try:
         writer.write(client_frame(b"", declared=4 * 1024**3))
@@ -244,11 +242,11 @@ async def test_a_frame_announcing_4gib_is_refused_before_any_payload_is_buffered
 
 
 async def test_a_console_message_over_the_cap_closes_both_sides_with_1009(
-    sidecar_for: SidecarFactory,
+    serve_sidecar: ServeFactory,
 ) -> None:
     console = console_app()
-    client = await sidecar_for(console, **LIMITS)
-    async with client.ws_connect("/ws") as ws:
+    client = await serve_sidecar(console, **LIMITS)
+    async with aiohttp.ClientSession() as session, session.ws_connect(client.url("/ws")) as ws:
         await ws.send_str(f"send {CAP + 1}")
         closing = await ws.receive(timeout=10)
         assert closing.type is WSMsgType.CLOSE
@@ -257,11 +255,11 @@ async def test_a_console_message_over_the_cap_closes_both_sides_with_1009(
 
 
 async def test_the_default_cap_is_1mib_not_the_body_size(
-    sidecar_for: SidecarFactory,
+    serve_sidecar: ServeFactory,
 ) -> None:
     console = console_app()
-    client = await sidecar_for(console, listen={"max_body_size": "1GiB"})
-    async with client.ws_connect("/ws") as ws:
+    client = await serve_sidecar(console, listen={"max_body_size": "1GiB"})
+    async with aiohttp.ClientSession() as session, session.ws_connect(client.url("/ws")) as ws:
         await ws.send_str(f"send {1024**2}")
         assert len((await ws.receive(timeout=10)).data) == 1024**2
         await ws.send_str(f"send {1024**2 + 1}")
