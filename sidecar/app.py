@@ -13,7 +13,8 @@ The pipeline, outermost first (DESIGN "What it is"):
 6. proxy                       the catch-all route: everything else goes upstream
 
 Long-lived parts are created in one cleanup context, in dependency order: the store (migrated
-at start), the live settings (loaded, then polled), the identity provider, the upstream pool.
+at start), the live settings (loaded, then polled), the identity provider, the upstream pool;
+the writer of aggregated ``ip.blocked`` records runs in a second one, inside the first.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from aiohttp import web
 from aiohttp_session import session_middleware
 
 from sidecar.audit import AuditLog
+from sidecar.blocked_audit import BlockedAudit
 from sidecar.config import Config
 from sidecar.identity.base import build_identity_provider
 from sidecar.identity.headers import identity_header_names
@@ -54,6 +56,7 @@ from sidecar.store.base import SecuritySettings, Store, StoreUnavailable
 METRICS = web.AppKey("sidecar.metrics", Metrics)
 LIVE = web.AppKey("sidecar.live", LiveSettings)
 AUDIT = web.AppKey("sidecar.audit", AuditLog)
+BLOCKED = web.AppKey("sidecar.blocked", BlockedAudit)
 UPSTREAM = web.AppKey[UpstreamTransport]("sidecar.upstream")
 STORE = web.AppKey[Store]("sidecar.store")
 SETTINGS = web.AppKey("sidecar.settings", SettingsService)
@@ -86,6 +89,7 @@ def build_app(
     parsed = ParsedLists(config)
     store = store or open_store(config.storage.url, config.storage.encryption_key)
     audit = AuditLog(config.audit.file, metrics.registry, store)
+    blocked = BlockedAudit(audit)
     mfa_metrics = MfaMetrics(metrics.registry)
     service = MfaService(store=store, config=config, audit=audit, metrics=mfa_metrics)
     app = web.Application(client_max_size=_OWN_ROUTES_MAX_BODY)
@@ -123,7 +127,7 @@ def build_app(
             client_ip_middleware(
                 live=live, listener_scheme="https" if config.listen.tls is not None else "http"
             ),
-            ip_gate_middleware(live=live, audit=audit),
+            ip_gate_middleware(live=live, blocked=blocked),
             canonical_path_middleware(),
             session_middleware(session_storage),
             identity_middleware(live=live, identity=identity),
@@ -163,6 +167,9 @@ def build_app(
         audit.close()
 
     app.cleanup_ctx.append(lifecycle)
+    # After the store's context: started once it is open, flushed before it closes.
+    app.cleanup_ctx.append(blocked.lifecycle())
+    app[BLOCKED] = blocked
     handlers = Handlers(config=config, service=service, settings=settings)
     app[HANDLERS] = handlers
     add_routes(app, handlers)
@@ -172,6 +179,7 @@ def build_app(
         transport=lambda: app[UPSTREAM],
         metrics=metrics,
         max_body_size=config.listen.max_body_size,
+        websocket_max_message=config.upstream.websocket_max_message,
         session_cookie=config.mfa.session.cookie_name,
         identity_headers=identity_header_names(config),
         prefix=config.mfa.path_prefix,

@@ -15,7 +15,6 @@ import asyncio
 import json
 import logging
 import sys
-from collections import OrderedDict
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -109,28 +108,3 @@ class AuditLog:
         if self._stream is not None and self._stream is not sys.stdout:
             self._stream.close()
         self._stream = None
-
-
-class OncePerWindow:
-    """Remembers keys seen in the last ``window`` seconds, bounded to ``max_keys`` entries.
-
-    Used to write at most one ``ip.blocked`` record per client address per minute while a
-    flood of blocked requests is counted in full by the metrics. When more than ``max_keys``
-    addresses are blocked within one window the oldest are forgotten, so memory stays bounded
-    and a flood of distinct addresses writes more records rather than fewer.
-    """
-
-    def __init__(self, window: float, max_keys: int = 10_000) -> None:
-        self._window = window
-        self._max = max_keys
-        self._seen: OrderedDict[str, float] = OrderedDict()
-
-    def first_in_window(self, key: str, now: float) -> bool:
-        last = self._seen.get(key)
-        if last is not None and now - last < self._window:
-            return False
-        self._seen[key] = now
-        self._seen.move_to_end(key)
-        while len(self._seen) > self._max:
-            self._seen.popitem(last=False)
-        return True

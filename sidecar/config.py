@@ -134,6 +134,14 @@ def parse_size(value: object) -> int:
     return size
 
 
+def _at_most_1gib(size: int) -> int:
+    # Beyond this, one message per connection is a memory budget no console needs (and
+    # aiohttp's WebSocket reader keeps its limit in a 32-bit field).
+    if size > 1024**3:
+        raise _bad("must be at most 1GiB")
+    return size
+
+
 def parse_cidr(value: object) -> IpNetwork:
     """A CIDR such as ``10.0.0.0/8`` or ``2001:db8::/32``; a bare address means /32 or /128.
 
@@ -223,6 +231,12 @@ class Listen(_Section):
     host: str = "0.0.0.0"
     port: Port = 8080
     max_body_size: Size = 64 * 1024**2
+    # A complete request head must arrive this soon after the accept (or after the first
+    # byte of a later request on a kept-alive connection).
+    header_timeout: PositiveDuration = 15.0
+    # Open connections, in total and from one TCP peer address (trusted proxies exempt).
+    max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
+    max_connections_per_address: Annotated[int, Field(ge=1, le=1_000_000)] = 256
     tls: Tls | None = None
     # How long SIGTERM waits for in-flight requests and WebSockets before closing them.
     drain_timeout: Duration = 30.0
@@ -241,6 +255,9 @@ class Upstream(_Section):
     # How long an idle pooled connection is kept; keep it below the console's own idle
     # timeout, or a request may meet a connection the console is just closing.
     keepalive_timeout: Duration = 15.0
+    # Largest WebSocket message relayed, in either direction; a bigger one closes the
+    # WebSocket with 1009. A message is held whole in memory while it is relayed.
+    websocket_max_message: Annotated[Size, AfterValidator(_at_most_1gib)] = 1024**2
 
     @field_validator("url")
     @classmethod

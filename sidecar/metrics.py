@@ -89,6 +89,24 @@ class Metrics:
             multiprocess_mode="max",
         )
         self.build_info.labels(__version__, platform.python_version()).set(1)
+        self.connections_refused_total = Counter(
+            "sidecar_connections_refused_total",
+            "Connections the public listener refused or closed: over listen.max_connections "
+            "(total), over listen.max_connections_per_address (per_address), no complete "
+            "request head within listen.header_timeout (header_timeout)",
+            ["reason"],
+            registry=r,
+        )
+        self.open_connections = Gauge(
+            "sidecar_open_connections",
+            "Connections open on the public listener",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self._by_refusal = {
+            reason: self.connections_refused_total.labels(reason)
+            for reason in ("total", "per_address", "header_timeout")
+        }
         self._by_decision = {d: self.requests_total.labels(d.value) for d in Decision}
         self._by_error = {k: self.upstream_errors_total.labels(k) for k in UPSTREAM_ERROR_KINDS}
         for name in ("allowlist", "denylist"):
@@ -102,6 +120,15 @@ class Metrics:
 
     def upstream_errors(self, kind: str) -> None:
         self._by_error[kind].inc()
+
+    def connection_opened(self) -> None:
+        self.open_connections.inc()
+
+    def connection_closed(self) -> None:
+        self.open_connections.dec()
+
+    def connection_refused(self, reason: str) -> None:
+        self._by_refusal[reason].inc()
 
     def exposition(self) -> tuple[bytes, str]:
         """The text exposition and its content type, for the admin listener."""

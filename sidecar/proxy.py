@@ -12,6 +12,10 @@ This module owns the last pipeline stage (DESIGN step 6). Its promises:
 - Upstream failures map to 502 (cannot connect or broken answer) and 504 (timeout). A body
   cut off upstream after the status line was sent aborts the client connection, so the
   client sees a broken response rather than a clean, shorter one.
+- WebSockets are relayed without compression on either leg (permessage-deflate is neither
+  offered nor accepted, and a frame marked compressed is a protocol error, never inflated),
+  and a message over ``upstream.websocket_max_message`` in either direction closes the
+  relay with 1009; aiohttp refuses it from the frame header, before buffering the payload.
 
 The hop to the upstream sits behind :class:`UpstreamTransport` so that a leaner transport can
 replace aiohttp's ``ClientSession`` (most of the per-request CPU) without touching the rest.
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
-from aiohttp import WSMsgType, web
+from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -179,7 +183,7 @@ class AiohttpUpstream:
             max_field_size=UPSTREAM_MAX_FIELD,
             max_headers=UPSTREAM_MAX_HEADERS,
         )
-        self._max_message = config.listen.max_body_size
+        self._max_message = config.upstream.websocket_max_message
 
     def _url(self, target: str) -> URL:
         # target is a server-parsed origin-form path (always starting with "/"), appended to
@@ -225,7 +229,10 @@ class AiohttpUpstream:
                 protocols=protocols,
                 autoping=False,
                 autoclose=False,
-                max_msg_size=self._max_message,
+                # Never offer permessage-deflate: the upstream's messages are inflated by
+                # nobody (a compressed frame is refused as a protocol error).
+                compress=0,
+                max_msg_size=reader_limit(self._max_message),
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0),
             )
         except aiohttp.WSServerHandshakeError as exc:
@@ -239,7 +246,10 @@ class AiohttpUpstream:
         try:
             yield ws
         finally:
-            await ws.close()
+            # A no-op after the relay closed it with the right code; otherwise the relay
+            # was cancelled (shutdown, the client's connection lost): the other end of this
+            # connection is going away, which a default 1000 ("done, normally") would hide.
+            await ws.close(code=WSCloseCode.GOING_AWAY)
 
     async def probe(self) -> bool:
         try:
@@ -254,6 +264,16 @@ class AiohttpUpstream:
 
     async def close(self) -> None:
         await self._session.close()
+
+
+def reader_limit(max_message: int) -> int:
+    """aiohttp's ``max_msg_size`` for a cap of ``max_message`` bytes, inclusive.
+
+    aiohttp 3.x refuses a message whose size is *equal to* ``max_msg_size`` or more (the
+    frame-header check in ``_websocket/reader_py.py`` is ``>=``), so one more lets a message
+    of exactly the configured size through.
+    """
+    return max_message + 1
 
 
 class UpstreamHandshakeRefused(Exception):
@@ -307,6 +327,7 @@ class Proxy:
         transport: Callable[[], UpstreamTransport],
         metrics: Metrics,
         max_body_size: int,
+        websocket_max_message: int,
         session_cookie: str,
         identity_headers: frozenset[str],
         prefix: str,
@@ -317,6 +338,7 @@ class Proxy:
         self._prefix = prefix
         self._metrics = metrics
         self.max_body_size = max_body_size
+        self._websocket_max_message = websocket_max_message
         #: Relayed WebSockets, so that a shutdown can close them properly (1001).
         self.open_websockets: set[tuple[web.WebSocketResponse, aiohttp.ClientWebSocketResponse]]
         self.open_websockets = set()
@@ -455,7 +477,10 @@ class Proxy:
                     protocols=(upstream.protocol,) if upstream.protocol else (),
                     autoping=False,
                     autoclose=False,
-                    max_msg_size=self.max_body_size,
+                    # permessage-deflate lets a 60 KB frame inflate to hundreds of MB in
+                    # here: never negotiated, and a frame with RSV1 set is refused (1002).
+                    compress=False,
+                    max_msg_size=reader_limit(self._websocket_max_message),
                 )
                 await downstream.prepare(request)
                 pair = (downstream, upstream)
@@ -503,13 +528,35 @@ def _abort(
 WsSide = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
 
+def close_code_for_peer(error: BaseException | None, *, from_client: bool) -> int:
+    """The close code sent to one side when the other ended without a close frame.
+
+    ``error`` is what reading that other side failed with (None: it just went away). When
+    the failure is a WebSocket protocol violation (aiohttp's ``WebSocketError``: a message
+    over the cap is 1009, a compressed or malformed frame 1002, bad UTF-8 1007), aiohttp has
+    already closed the offending side with that code. The other side learns:
+
+    - from the client: 1001 (going away) for the console, whatever happened; it did nothing
+      wrong, and its sessions end as when a browser tab closes. A 1009 would tell it that
+      one of *its* messages was refused.
+    - from the console: 1009 for the client when the console's message was over the cap
+      (the client learns the reason, and does not simply reconnect into the same message);
+      1014 (bad gateway, RFC 6455 registry) for any other console failure or disappearance.
+    """
+    if from_client:
+        return 1001
+    if isinstance(error, WebSocketError) and error.code == WSCloseCode.MESSAGE_TOO_BIG:
+        return int(WSCloseCode.MESSAGE_TOO_BIG)
+    return 1014
+
+
 async def _pump_websockets(
     downstream: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse
 ) -> None:
     """Relay frames both ways until either side closes; close codes and reasons, ping and
     pong payloads pass through unchanged."""
 
-    async def pump(source: WsSide, sink: WsSide, vanished: int) -> tuple[int, str]:
+    async def pump(source: WsSide, sink: WsSide, *, from_client: bool) -> tuple[int, str]:
         while True:
             msg = await source.receive()
             if msg.type is WSMsgType.TEXT:
@@ -523,12 +570,11 @@ async def _pump_websockets(
             elif msg.type is WSMsgType.CLOSE:
                 return int(msg.data), msg.extra or ""
             else:  # CLOSING, CLOSED, ERROR: the source went away without a close frame
-                return 1011 if msg.type is WSMsgType.ERROR else vanished, ""
+                error = msg.data if msg.type is WSMsgType.ERROR else None
+                return close_code_for_peer(error, from_client=from_client), ""
 
-    # A client that vanishes is "going away" (1001) to the console; a console that vanishes
-    # is a "bad gateway" (1014, RFC 6455 registry) to the client.
-    to_upstream = asyncio.ensure_future(pump(downstream, upstream, 1001))
-    to_downstream = asyncio.ensure_future(pump(upstream, downstream, 1014))
+    to_upstream = asyncio.ensure_future(pump(downstream, upstream, from_client=True))
+    to_downstream = asyncio.ensure_future(pump(upstream, downstream, from_client=False))
     try:
         done, _ = await asyncio.wait(
             (to_upstream, to_downstream), return_when=asyncio.FIRST_COMPLETED

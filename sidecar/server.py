@@ -15,8 +15,14 @@ from typing import Any
 from aiohttp import web
 
 from sidecar import __version__
-from sidecar.app import DRAINING, IN_FLIGHT, PROXY, build_admin_app, build_app
+from sidecar.app import DRAINING, IN_FLIGHT, LIVE, METRICS, PROXY, build_admin_app, build_app
 from sidecar.config import Config
+from sidecar.listener import (
+    FD_HEADROOM,
+    ConnectionGuard,
+    GuardedAppRunner,
+    raise_open_files_limit,
+)
 from sidecar.logs import fields
 from sidecar.reload import Reloader
 
@@ -48,17 +54,10 @@ async def serve(
     """
     app = build_app(config)
     admin = build_admin_app(app)
-    runner = web.AppRunner(
-        app,
-        access_log=None,
-        handle_signals=False,
-        # The drain itself is ours (see below); this is only the last grace for handlers
-        # still running after it.
-        shutdown_timeout=1.0,
-        # Request bodies are forwarded as sent: aiohttp would otherwise inflate a
-        # Content-Encoding: gzip body and forward plaintext under the compressed length.
-        auto_decompress=False,
+    raise_open_files_limit(
+        config.listen.max_connections + config.upstream.max_connections + FD_HEADROOM
     )
+    runner = public_runner(app)
     admin_runner = web.AppRunner(admin, access_log=None, handle_signals=False)
     await runner.setup()
     await admin_runner.setup()
@@ -117,6 +116,29 @@ async def serve(
         await runner.cleanup()
         await admin_runner.cleanup()
         log.info("sidecar stopped")
+
+
+def public_runner(app: web.Application) -> GuardedAppRunner:
+    """The public listener's runner: connection caps and the head deadline (read from the
+    live settings at each accept), and the server options the proxy depends on."""
+    live = app[LIVE]
+    guard = ConnectionGuard(
+        limits=lambda: live.config.listen,
+        exempt=lambda address: address in live.network.trusted_proxies,
+        metrics=app[METRICS],
+    )
+    return GuardedAppRunner(
+        app,
+        guard=guard,
+        access_log=None,
+        handle_signals=False,
+        # The drain itself is ours (see serve); this is only the last grace for handlers
+        # still running after it.
+        shutdown_timeout=1.0,
+        # Request bodies are forwarded as sent: aiohttp would otherwise inflate a
+        # Content-Encoding: gzip body and forward plaintext under the compressed length.
+        auto_decompress=False,
+    )
 
 
 async def _drain(app: web.Application, site: web.BaseSite, timeout: float) -> None:

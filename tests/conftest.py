@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ from cryptography.fernet import Fernet
 
 from sidecar.app import build_app
 from sidecar.config import Config, parse_config
+from sidecar.listener import GuardedAppRunner
+from sidecar.server import public_runner
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -70,3 +73,44 @@ async def sidecar_for(
         return await aiohttp_client(build_app(config))
 
     return factory
+
+
+@dataclass
+class Served:
+    """A sidecar on a real port, served by ``sidecar.server.public_runner``."""
+
+    app: web.Application
+    runner: GuardedAppRunner
+    port: int
+    upstream_url: str
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+ServeFactory = Callable[..., Awaitable[Served]]
+
+
+@pytest.fixture
+async def serve_sidecar(
+    tmp_path: Path, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> AsyncIterator[ServeFactory]:
+    """``await serve_sidecar(upstream_app, **config_sections)``: a sidecar served exactly as
+    ``sidecar run`` serves it: the connection guards are on, and a handler is not cancelled
+    when its client's connection drops (the test client's server cancels it)."""
+    runners: list[GuardedAppRunner] = []
+
+    async def factory(upstream_app: web.Application, **sections: Any) -> Served:
+        upstream = await aiohttp_server(upstream_app)
+        url = f"http://127.0.0.1:{upstream.port}"
+        app = build_app(make_config(tmp_path, url, **sections))
+        runner = public_runner(app)
+        await runner.setup()
+        runners.append(runner)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return Served(app, runner, site.port, url)
+
+    yield factory
+    for runner in runners:
+        await runner.cleanup()

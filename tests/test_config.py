@@ -163,6 +163,32 @@ BAD_VALUES = [
         id="size-zero",
     ),
     pytest.param(
+        "listen: {header_timeout: 0}",
+        "listen.header_timeout: 0 must be more than zero",
+        id="header-timeout-zero",
+    ),
+    pytest.param(
+        "listen: {max_connections: 0}",
+        "listen.max_connections: 0: input should be greater than or equal to 1",
+        id="max-connections-zero",
+    ),
+    pytest.param(
+        "listen: {max_connections_per_address: many}",
+        "listen.max_connections_per_address: 'many': input should be a valid integer, "
+        "unable to parse string as an integer",
+        id="max-connections-per-address-not-a-number",
+    ),
+    pytest.param(
+        "upstream: {websocket_max_message: 2GiB}",
+        "upstream.websocket_max_message: '2GiB' must be at most 1GiB",
+        id="websocket-message-over-1gib",
+    ),
+    pytest.param(
+        "upstream: {websocket_max_message: 0}",
+        "upstream.websocket_max_message: 0 must be positive",
+        id="websocket-message-zero",
+    ),
+    pytest.param(
         "upstream: {url: 'ftp://console.internal'}",
         "upstream.url: 'ftp://console.internal' is not an http:// or https:// URL with a host",
         id="upstream-url-scheme",

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from sidecar.app import METRICS, swap_network_policy
+from sidecar.app import BLOCKED, METRICS, swap_network_policy
 from sidecar.config import parse_config
 from sidecar.live import NetworkPolicy
 from tests.conftest import SidecarFactory, raw_config
@@ -148,21 +148,35 @@ async def test_block_status_is_configurable(sidecar_for: SidecarFactory) -> None
     assert (await client.get("/")).status == 404
 
 
-async def test_one_audit_record_per_ip_per_minute_but_every_block_counted(
+async def test_blocks_are_audited_per_prefix_off_the_request_path_and_all_counted(
     sidecar_for: SidecarFactory, tmp_path: Path
 ) -> None:
     client = await sidecar_for(
-        counting_upstream(), **TRUST_LOOPBACK, security={"ip_denylist": ["192.0.2.0/24"]}
+        counting_upstream(),
+        **TRUST_LOOPBACK,
+        security={"ip_denylist": ["192.0.2.0/24", "2001:db8::/32"]},
     )
     for _ in range(5):
         await client.get("/", headers={"X-Forwarded-For": "192.0.2.1"})
     await client.get("/", headers={"X-Forwarded-For": "192.0.2.2"})
-    assert decisions(client)["denied_ip"] == 6
-    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
-    blocked = [r for r in records if r["action"] == "ip.blocked"]
-    assert [r["client_ip"] for r in blocked] == ["192.0.2.1", "192.0.2.2"]
-    assert blocked[0]["details"]["rule"] == "192.0.2.0/24"
-    assert blocked[0]["details"]["list"] == "denylist"
+    await client.get("/", headers={"X-Forwarded-For": "[2001:db8::7]:443"})
+    assert decisions(client)["denied_ip"] == 7
+
+    def blocked() -> list[dict[str, Any]]:
+        lines = (tmp_path / "audit.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r["action"] == "ip.blocked"]
+
+    assert blocked() == []  # written by the background writer, not by the requests
+    await client.app[BLOCKED].flush()
+    by_prefix = {r["client_ip"]: r for r in blocked()}
+    assert set(by_prefix) == {"192.0.2.0/24", "2001:db8::/64"}
+    v4 = by_prefix["192.0.2.0/24"]
+    assert v4["outcome"] == "denied_ip"
+    assert v4["details"]["count"] == 6
+    assert v4["details"]["sample"] == ["192.0.2.1", "192.0.2.2"]
+    assert v4["details"]["rules"] == ["192.0.2.0/24"]
+    assert v4["details"]["list"] == "denylist"
+    assert by_prefix["2001:db8::/64"]["details"]["count"] == 1
 
 
 async def test_swapping_the_gate_applies_to_the_next_request(

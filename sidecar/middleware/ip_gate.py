@@ -1,9 +1,10 @@
 """Pipeline step 2: the organization's IP denylist, then allowlist, before any identity work.
 
 A refused request gets ``network.block_status`` with a short plain body and causes no upstream
-I/O (WebSocket upgrades are refused before any 101). Every block is counted in the metrics;
-the audit trail gets at most one ``ip.blocked`` record per client address per minute so a
-flood cannot drown it.
+I/O (WebSocket upgrades are refused before any 101) and no store I/O: it is counted in the
+metrics and in memory for the audit trail, which gets aggregated ``ip.blocked`` records per
+/24 or /64 from a background task (``sidecar.blocked_audit``), so a flood from many
+addresses cannot turn into a flood of store writes.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from sidecar.answers import unavailable
-from sidecar.audit import AuditLog, OncePerWindow
+from sidecar.blocked_audit import BlockedAudit
 from sidecar.decision import Decision
 from sidecar.live import LiveSettings
 from sidecar.state import CLIENT_IP, DECISION, REASON
@@ -25,9 +26,7 @@ _BODY = {
 }
 
 
-def ip_gate_middleware(*, live: LiveSettings, audit: AuditLog) -> Middleware:
-    recently_audited = OncePerWindow(window=60.0)
-
+def ip_gate_middleware(*, live: LiveSettings, blocked: BlockedAudit) -> Middleware:
     @web.middleware
     async def ip_gate(request: web.Request, handler: Handler) -> web.StreamResponse:
         ip = request[CLIENT_IP]
@@ -48,18 +47,7 @@ def ip_gate_middleware(*, live: LiveSettings, audit: AuditLog) -> Middleware:
         rule = str(verdict.rule) if verdict.rule is not None else None
         request[DECISION] = verdict.decision
         request[REASON] = f"{verdict.list_name} {rule}" if rule else "no allowlist rule matched"
-        client = str(ip)
-        if recently_audited.first_in_window(client, time.monotonic()):
-            await audit.record(
-                "ip.blocked",
-                actor=None,
-                client_ip=client,
-                outcome=verdict.decision.value,
-                target=request.path,
-                rule=rule,
-                list=verdict.list_name,
-                peer=request.remote,
-            )
+        blocked.count(ip, verdict.decision, rule=rule, list_name=verdict.list_name, now=time.time())
         return web.Response(status=policy.block_status, text=_BODY[verdict.decision])
 
     return ip_gate

@@ -1,0 +1,324 @@
+"""The public listener's connection guard: a deadline for request heads, caps on connections.
+
+aiohttp's server has keep-alive and body-read timeouts but no deadline for a complete request
+head: a connection that never sends a byte, or trickles a header line every few seconds, is
+held until the keep-alive timeout, and a few thousand of them exhaust the process's file
+descriptors. Promises, per process:
+
+- **Head deadline** (``listen.header_timeout``): a connection delivers a complete request head
+  within the timeout of being accepted (its first request), or of the first byte of a later
+  request received while it is idle on a kept-alive connection; otherwise it is closed.
+  A connection that had sent part of a head gets ``408 Request Timeout`` first; one that sent
+  nothing at all is closed silently, as nginx does, so a browser's speculative
+  pre-connection is never answered with an error. An idle kept-alive connection that sends
+  nothing is not affected (the keep-alive timeout applies), nor is a request whose head is
+  complete (its body, its response and WebSocket traffic are never timed here). Bytes a
+  client pipelines behind a request it has not received the answer to (browsers never do)
+  are bounded by the keep-alive timeout, like an idle connection.
+- **Connection caps**: at most ``listen.max_connections`` connections open, and at most
+  ``listen.max_connections_per_address`` from one TCP peer address, except peers in
+  ``network.trusted_proxies`` (a balancer carries many clients). A connection over a cap is
+  answered ``503 Service Unavailable`` with ``Connection: close`` and closed before any of
+  its bytes are read.
+- The limits and the trusted proxies are read when a connection is accepted, from the live
+  settings: a reload applies to new connections. Each refusal is counted in
+  ``sidecar_connections_refused_total{reason}`` and open connections in
+  ``sidecar_open_connections``; refusals are logged at most once per reason every 10 s.
+
+Security assumptions: the address counted is the TCP peer, as the kernel reports it (never
+a forwarded header: none has been read when a connection is accepted). IPv6 addresses count
+one by one, as IPv4 addresses behind one NAT count as one. With ``workers: N`` each process
+enforces its own caps: the listener as a whole holds up to N times them (the kernel spreads
+connections over the processes).
+
+How: this hooks into aiohttp 3.x internals, kept to a few overrides. ``web.Server`` is the
+protocol factory (``__call__`` builds a ``web_protocol.RequestHandler`` per connection);
+``AppRunner._make_server()`` builds the server; ``RequestHandler._request_count`` grows when
+a request head is complete, and ``RequestHandler._waiter`` is a pending future while the
+handler waits for the next request. aiohttp is pinned below 4, and the tests drive this
+module over real sockets (asyncio and uvloop), so a change of those internals fails them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import time
+from collections.abc import Callable
+from typing import Any, Literal, Protocol, cast
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from sidecar.logs import fields
+from sidecar.net import IpAddress, parse_ip
+
+log = logging.getLogger("sidecar.listener")
+
+Refusal = Literal["total", "per_address", "header_timeout"]
+REFUSALS: tuple[Refusal, ...] = ("total", "per_address", "header_timeout")
+
+# Minimal answers written straight to the transport: no request was parsed, so there is
+# nothing for aiohttp's response machinery to answer.
+_SERVICE_UNAVAILABLE = (
+    b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: 22\r\n\r\n"
+    b"Too many connections.\n"
+)
+_REQUEST_TIMEOUT = (
+    b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: 26\r\n\r\n"
+    b"Request head not in time.\n"
+)
+_LOG_EVERY_SECONDS = 10.0
+
+
+class ListenerLimits(Protocol):
+    """What the guard reads at accept time (``Config.listen`` has these)."""
+
+    @property
+    def header_timeout(self) -> float: ...
+
+    @property
+    def max_connections(self) -> int: ...
+
+    @property
+    def max_connections_per_address(self) -> int: ...
+
+
+class ConnectionMetrics(Protocol):
+    def connection_opened(self) -> None: ...
+
+    def connection_closed(self) -> None: ...
+
+    def connection_refused(self, reason: Refusal) -> None: ...
+
+
+class ConnectionCounts:
+    """Open connections, in total and per peer address; decides admission. No I/O."""
+
+    __slots__ = ("_by_address", "total")
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._by_address: dict[IpAddress | None, int] = {}
+
+    def from_address(self, address: IpAddress | None) -> int:
+        return self._by_address.get(address, 0)
+
+    def admit(
+        self, address: IpAddress | None, *, exempt: bool, limits: ListenerLimits
+    ) -> Refusal | None:
+        """Count the connection in and return None, or return why it is refused (and count
+        nothing). ``exempt`` peers are counted but never refused per address."""
+        if self.total >= limits.max_connections:
+            return "total"
+        held = self._by_address.get(address, 0)
+        if not exempt and held >= limits.max_connections_per_address:
+            return "per_address"
+        self.total += 1
+        self._by_address[address] = held + 1
+        return None
+
+    def release(self, address: IpAddress | None) -> None:
+        """Count out a connection that :meth:`admit` counted in."""
+        self.total -= 1
+        held = self._by_address[address] - 1
+        if held:
+            self._by_address[address] = held
+        else:
+            del self._by_address[address]
+
+
+class ConnectionGuard:
+    """One per listener: the counts, where the live limits come from, metrics and logs."""
+
+    def __init__(
+        self,
+        *,
+        limits: Callable[[], ListenerLimits],
+        exempt: Callable[[IpAddress], bool],
+        metrics: ConnectionMetrics,
+    ) -> None:
+        self.counts = ConnectionCounts()
+        self.limits = limits
+        self._exempt = exempt
+        self._metrics = metrics
+        self._last_logged: dict[Refusal, float] = {}
+        self._unlogged: dict[Refusal, int] = dict.fromkeys(REFUSALS, 0)
+
+    def admit(self, address: IpAddress | None) -> Refusal | None:
+        exempt = address is not None and self._exempt(address)
+        refusal = self.counts.admit(address, exempt=exempt, limits=self.limits())
+        if refusal is None:
+            self._metrics.connection_opened()
+        else:
+            self.refused(refusal, address)
+        return refusal
+
+    def release(self, address: IpAddress | None) -> None:
+        self.counts.release(address)
+        self._metrics.connection_closed()
+
+    def refused(self, reason: Refusal, address: IpAddress | None) -> None:
+        self._metrics.connection_refused(reason)
+        # A flood must not become a flood of log lines: one per reason per interval, with
+        # the number left unlogged since the previous one.
+        now = time.monotonic()
+        last = self._last_logged.get(reason)
+        if last is not None and now - last < _LOG_EVERY_SECONDS:
+            self._unlogged[reason] += 1
+            return
+        self._last_logged[reason] = now
+        also, self._unlogged[reason] = self._unlogged[reason], 0
+        log.warning(
+            "connection refused" if reason != "header_timeout" else "connection timed out",
+            extra=fields(
+                reason=reason,
+                peer=str(address) if address is not None else None,
+                open_connections=self.counts.total,
+                more_since_last_log=also,
+            ),
+        )
+
+
+def _peer_address(transport: asyncio.BaseTransport) -> IpAddress | None:
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple) and peer and isinstance(peer[0], str):
+        return parse_ip(peer[0])
+    return None
+
+
+class _GuardedHandler(RequestHandler):
+    """aiohttp's per-connection protocol, with admission and the head deadline."""
+
+    __slots__ = ("_admitted", "_guard", "_head_bytes", "_head_timer", "_heads_at_arm", "_peer")
+
+    def __init__(self, manager: web.Server, *, guard: ConnectionGuard, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._guard = guard
+        self._peer: IpAddress | None = None
+        self._admitted = False
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._heads_at_arm = 0
+        self._head_bytes = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._peer = _peer_address(transport)
+        if self._guard.admit(self._peer) is not None:
+            # Not handed to aiohttp at all: nothing of this connection is read or parsed.
+            refused = cast(asyncio.Transport, transport)
+            refused.write(_SERVICE_UNAVAILABLE)
+            refused.close()
+            return
+        self._admitted = True
+        super().connection_made(transport)
+        self._arm_head_deadline()  # the first request: from the accept
+
+    def data_received(self, data: bytes) -> None:
+        if not self._admitted:
+            return
+        if self._head_timer is None:
+            waiter = self._waiter
+            if data and waiter is not None and not waiter.done():
+                # Idle between requests, and this is the first byte of the next head.
+                self._arm_head_deadline()
+        if self._head_timer is not None:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if self._head_timer is not None and self._request_count != self._heads_at_arm:
+            self._disarm_head_deadline()  # a head is complete (or was refused with 400)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self._admitted:
+            return
+        self._admitted = False
+        self._disarm_head_deadline()
+        self._guard.release(self._peer)
+        super().connection_lost(exc)
+
+    def _arm_head_deadline(self) -> None:
+        self._heads_at_arm = self._request_count
+        self._head_bytes = 0
+        self._head_timer = self._loop.call_later(
+            self._guard.limits().header_timeout, self._head_deadline_passed
+        )
+
+    def _disarm_head_deadline(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_deadline_passed(self) -> None:
+        self._head_timer = None
+        waiter = self._waiter
+        idle = waiter is not None and not waiter.done() and not self._messages
+        if self._request_count != self._heads_at_arm or not idle or self.transport is None:
+            return  # a request is being handled: never cut it off from here
+        self._guard.refused("header_timeout", self._peer)
+        if self._head_bytes:
+            self.transport.write(_REQUEST_TIMEOUT)
+        # aiohttp's own way to end an idle connection (as its keep-alive timeout does):
+        # the request loop stops, the transport closes once the write buffer is flushed.
+        self.force_close()
+
+
+class _GuardedServer(web.Server):
+    """aiohttp's low-level server, building guarded handlers."""
+
+    def __init__(self, built: web.Server, guard: ConnectionGuard) -> None:
+        super().__init__(
+            built.request_handler,
+            request_factory=built.request_factory,
+            handler_cancellation=built.handler_cancellation,
+            loop=built._loop,
+            **built._kwargs,
+        )
+        self._guard = guard
+
+    def __call__(self) -> RequestHandler:
+        return _GuardedHandler(self, guard=self._guard, loop=self._loop, **self._kwargs)
+
+
+class GuardedAppRunner(web.AppRunner):
+    """``web.AppRunner`` whose connections pass the :class:`ConnectionGuard`."""
+
+    __slots__ = ("guard",)
+
+    def __init__(self, app: web.Application, *, guard: ConnectionGuard, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.guard = guard
+
+    async def _make_server(self) -> web.Server:
+        return _GuardedServer(await super()._make_server(), self.guard)
+
+
+#: Descriptors a process needs besides client connections: the upstream pool is added
+#: separately; this covers listening sockets, the store, log and audit files, the admin
+#: listener's clients, the event loop's own.
+FD_HEADROOM = 128
+
+
+def raise_open_files_limit(needed: int) -> int:
+    """Raise this process's soft limit on open files to its hard limit; return the limit
+    now in force. Logs it, and warns when it is below ``needed``."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, needed)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open files limit: %s", exc)
+        else:
+            soft = target
+    if soft < needed:
+        log.warning(
+            "open files limit is below what the connection caps need: connections beyond "
+            "it fail at accept; raise the hard limit (systemd LimitNOFILE, ulimit -Hn) or "
+            "lower listen.max_connections",
+            extra=fields(open_files_limit=soft, needed=needed),
+        )
+    else:
+        log.info("open files limit", extra=fields(open_files_limit=soft, needed=needed))
+    return soft
