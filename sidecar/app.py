@@ -196,6 +196,7 @@ RESTART_ONLY = (
     ("listen", "host"),
     ("listen", "port"),
     ("listen", "tls"),
+    ("listen", "keepalive_timeout"),
     ("listen", "drain_timeout"),
     ("admin",),
     ("workers",),

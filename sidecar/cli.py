@@ -159,6 +159,15 @@ def _cmd_security_set(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_store_check(args: argparse.Namespace) -> int:
+    from sidecar.operations import store_check
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    return _run_store_command(config, _ok(store_check(config)))
+
+
 def _cmd_ip_explain(args: argparse.Namespace) -> int:
     from sidecar.explain import explain_ip
 
@@ -247,6 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
     reset.add_argument("id", metavar="ID", help="the user id as the console reports it")
     reset.add_argument("--config", "-c", required=True, metavar="FILE")
     reset.set_defaults(func=_cmd_users_reset_mfa)
+
+    store = commands.add_parser("store", help="the state store")
+    store_commands = store.add_subparsers(dest="store_command", required=True, metavar="ACTION")
+    check_store = store_commands.add_parser(
+        "check", help="migrate if needed and report what upgrades changed (re-keyed user ids)"
+    )
+    check_store.add_argument("--config", "-c", required=True, metavar="FILE")
+    check_store.set_defaults(func=_cmd_store_check)
 
     security = commands.add_parser("security", help="live security settings (break-glass)")
     security_commands = security.add_subparsers(

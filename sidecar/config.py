@@ -237,6 +237,9 @@ class Listen(_Section):
     # Open connections, in total and from one TCP peer address (trusted proxies exempt).
     max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
     max_connections_per_address: Annotated[int, Field(ge=1, le=1_000_000)] = 256
+    # How long an idle kept-alive client connection stays open; above the balancer's own
+    # idle timeout when one is in front (else it may reuse a connection being closed).
+    keepalive_timeout: PositiveDuration = 75.0
     tls: Tls | None = None
     # How long SIGTERM waits for in-flight requests and WebSockets before closing them.
     drain_timeout: Duration = 30.0

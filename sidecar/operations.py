@@ -193,3 +193,26 @@ async def security_set(
             "values back; change the YAML too"
         )
     return True, json.dumps(settings_json(saved, config.security.managed_by), indent=2) + note
+
+
+async def store_check(config: Config) -> str:
+    """What an upgrade changed that an operator should know: the schema version, and the
+    users whose MFA state was re-keyed from a case-folded id to the exact id."""
+    async with _store(config) as store:
+        rekeyed = await store.users.rekeyed()
+    lines = [f"store: migrated to the latest schema ({config.storage.url.split('@')[-1]})"]
+    if not rekeyed:
+        lines.append("user ids: exact; none were re-keyed by the upgrade to exact ids")
+        return "\n".join(lines)
+    lines.append(
+        f"user ids re-keyed by the upgrade to exact ids ({len(rekeyed)}): each MFA record "
+        "kept under a case-folded key now belongs to the id last seen for it; other ids "
+        "that differ from it only in case, spaces or look-alike letters shared that record "
+        "before the upgrade and now have none (they enroll their own, or an admin resets "
+        "the listed user if the record was not theirs):"
+    )
+    for user in rekeyed:
+        lines.append(
+            f"  {user.old_key!r} -> {user.new_id!r} (re-keyed {user.rekeyed_at:%Y-%m-%d %H:%M} UTC)"
+        )
+    return "\n".join(lines)

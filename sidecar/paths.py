@@ -42,6 +42,7 @@ import functools
 import re
 import unicodedata
 from collections.abc import Callable, Sequence
+from urllib.parse import quote
 
 _UNRESERVED_ESCAPE = re.compile(r"%(2[dDeE]|3[0-9]|[46][1-9a-fA-F]|[57][0-9aA]|5[fF]|7[eE])")
 _MULTI_SLASH = re.compile(r"/{2,}")
@@ -329,3 +330,9 @@ def is_local_path(value: str) -> bool:
 def local_path_or(value: str | None, default: str = "/") -> str:
     """``value`` when :func:`is_local_path` accepts it, else ``default``."""
     return value if value is not None and is_local_path(value) else default
+
+
+def with_next(location: str, next_path: str) -> str:
+    """``location?next=<next_path>``, the target percent-encoded so that its own ``&``, ``#``
+    or ``?`` stay part of it (the receiving page checks it again with ``safe_next``)."""
+    return f"{location}?next={quote(next_path, safe='/')}"

@@ -138,6 +138,8 @@ def public_runner(app: web.Application) -> GuardedAppRunner:
         # Request bodies are forwarded as sent: aiohttp would otherwise inflate a
         # Content-Encoding: gzip body and forward plaintext under the compressed length.
         auto_decompress=False,
+        # aiohttp's own default (3630 s) lets a client hold an idle connection for an hour.
+        keepalive_timeout=live.config.listen.keepalive_timeout,
     )
 
 

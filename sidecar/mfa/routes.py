@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, NoReturn
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 from aiohttp_session import Session
@@ -64,7 +64,7 @@ from sidecar.mfa.session import (
     view,
 )
 from sidecar.middleware.mfa_gate import binding_of
-from sidecar.paths import is_local_path
+from sidecar.paths import canonical_path, is_local_path, is_under, with_next
 from sidecar.settings import SettingsService
 from sidecar.state import CLIENT_IP, IDENTITY, LOG_PATH
 from sidecar.store.base import MfaState, PasskeyRecord, StoreUnavailable
@@ -124,10 +124,11 @@ def safe_next(value: str | None, prefix: str) -> str:
     """
     if value is None or not is_local_path(value):
         return "/"
-    parts = urlsplit(value)
-    if parts.path in (f"{prefix}/security", f"{prefix}/audit"):
+    # Judged as the router will see it: "/%6Dfa/setup" is the setup page too.
+    path = canonical_path(unquote(urlsplit(value).path))
+    if path in (f"{prefix}/security", f"{prefix}/audit"):
         return value  # back to the page that sent the user to verify (step-up)
-    if parts.path == prefix or parts.path.startswith(prefix + "/"):
+    if is_under(path, prefix):
         return "/"
     return value
 
@@ -236,7 +237,7 @@ class Handlers:
             403,
             "step_up_required",
             "Confirm it's you again before changing your security settings.",
-            location=f"{self.prefix}/verify?next={next_path}",
+            location=with_next(f"{self.prefix}/verify", next_path),
         )
 
     def require_step_up(self, caller: Caller, next_path: str) -> int:
@@ -670,7 +671,9 @@ class Handlers:
         async def render(caller: Caller) -> str:
             if not caller.state.enrolled:
                 raise web.HTTPSeeOther(
-                    f"{self.prefix}/setup?next={safe_next(request.query.get('next'), self.prefix)}"
+                    with_next(
+                        f"{self.prefix}/setup", safe_next(request.query.get("next"), self.prefix)
+                    )
                 )
             until, _ = await self.service.lockout_status(caller.actor)
             return pages.render_verify(

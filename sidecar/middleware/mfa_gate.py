@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import time
 from datetime import timedelta
-from urllib.parse import quote
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -30,7 +29,7 @@ from sidecar.mfa import pages
 from sidecar.mfa.policy import MfaPolicy, decide, needs_grace_start
 from sidecar.mfa.service import MfaService
 from sidecar.mfa.session import csrf_token, mark_grace_shown, session_for, view
-from sidecar.paths import is_exempt, is_under
+from sidecar.paths import is_exempt, is_under, with_next
 from sidecar.settings import SettingsService
 from sidecar.state import DECISION, IDENTITY, REASON
 from sidecar.store.base import StoreUnavailable
@@ -136,7 +135,7 @@ def mfa_gate_middleware(
         )
         location = f"{prefix}/{page}"
         if navigation:
-            target = f"{location}?next={quote(request.rel_url.raw_path_qs, safe='/')}"
+            target = with_next(location, request.rel_url.raw_path_qs)
             return web.Response(
                 status=303, headers={"Location": target, "Cache-Control": "no-store"}
             )

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
+from cryptography.fernet import Fernet
 from sqlalchemy import text
 
+from sidecar.cli import EXIT_OK, main
 from sidecar.store import GraceEpochs, GraceRecord, SqlStore
 from sidecar.store import schema as tables
 from sidecar.store.migrations import MIGRATIONS
@@ -107,3 +111,30 @@ async def test_state_moves_to_the_exact_id_and_the_rekey_is_reported(
         assert await store.lockout.status(["user:kate"], T0) == (await store.lockout.status([], T0))
     finally:
         await store.close()
+
+
+async def test_store_check_lists_the_rekeyed_ids(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = Fernet.generate_key().decode()
+    database = tmp_path / "state.db"
+    store = SqlStore(f"sqlite:///{database}", key)
+    try:
+        await version_1(store)
+    finally:
+        await store.close()
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(
+        f"mfa: {{session: {{secret_keys: [{key}]}}}}\n"
+        f"storage: {{url: 'sqlite:///{database}', encryption_key: {key}}}\n"
+        f"audit: {{file: '{tmp_path / 'audit.jsonl'}'}}\n"
+    )
+    # The CLI runs its own event loop: off this test's loop, in a thread.
+    status = await asyncio.to_thread(main, ["store", "check", "--config", str(config)])
+    out = capsys.readouterr().out
+    assert status == EXIT_OK
+    assert "re-keyed by the upgrade to exact ids (1)" in out
+    assert "'kate' -> 'KATE'" in out
+    # A second check: nothing new, the same report (the record stays).
+    assert await asyncio.to_thread(main, ["store", "check", "--config", str(config)]) == EXIT_OK
+    assert "'kate' -> 'KATE'" in capsys.readouterr().out
