@@ -247,12 +247,30 @@ class Handlers:
             raise self.step_up_required(next_path)
         return caller.state.mfa_generation
 
-    def enrollment_condition(self, caller: Caller) -> int | None:
+    async def enrollment_condition(self, caller: Caller) -> int | None:
         """What adding a method is conditional on: ``None`` (the account still has no method)
-        for a first enrollment, else a step-up under the current generation."""
-        if not caller.state.enrolled:
-            return None
-        return self.require_step_up(caller, f"{self.prefix}/setup")
+        for a first enrollment, else a step-up under the current generation.
+
+        A first enrollment from a console session that a reset revoked (it had verified
+        before the reset: perhaps the very session the reset was meant to evict) is refused:
+        sign in to the console again first. The store checks the same in the write."""
+        if caller.state.enrolled:
+            return self.require_step_up(caller, f"{self.prefix}/setup")
+        if await self.service.store.mfa.binding_revoked(caller.identity.user_id, caller.binding):
+            await self.service.audit.record(
+                "mfa.enrolled",
+                actor=caller.actor.user,
+                client_ip=caller.actor.client_ip,
+                outcome="refused",
+                reason="session_reset",
+            )
+            raise Refusal(
+                403,
+                "sign_in_again",
+                f"Your sign-in methods were reset. Sign out of {self.config.mfa.rp_name}, "
+                "sign in again, then set up MFA.",
+            )
+        return None
 
     async def body(self, request: web.Request) -> dict[str, Any]:
         if not request.body_exists:
@@ -315,6 +333,11 @@ class Handlers:
         under ``generation`` (the one the successful write or consumption returned)."""
         session = await mark_verified(
             request, user=caller.identity.user_id, binding=caller.binding, generation=generation
+        )
+        # Remembered so that a reset can revoke this console session (see
+        # enrollment_condition).
+        await self.service.store.mfa.record_binding(
+            caller.identity.user_id, caller.binding, self.service.now()
         )
         payload["csrf_token"] = csrf_token(session)
         return web.json_response(payload, headers=_NO_STORE)
@@ -379,7 +402,7 @@ class Handlers:
 
     async def totp_begin(self, request: web.Request) -> web.Response:
         caller = await self.writer(request)
-        self.enrollment_condition(caller)
+        await self.enrollment_condition(caller)
         if caller.state.totp:
             raise Refusal(
                 409, "already_enrolled", "An authenticator app is already set up; remove it first."
@@ -396,7 +419,7 @@ class Handlers:
         caller = await self.writer(request)
         code = await self.code_from(request, "Enter the 6-digit code from your app.")
         # The same rules as at begin, on the state as it is now.
-        condition = self.enrollment_condition(caller)
+        condition = await self.enrollment_condition(caller)
         if caller.state.totp:
             raise Refusal(
                 409, "already_enrolled", "An authenticator app is already set up; remove it first."
@@ -422,6 +445,7 @@ class Handlers:
                 issued_after=self.service.pending_cutoff(),
                 expected_generation=condition,
                 now=self.service.now(),
+                binding=caller.binding,
             )
             if generation is None:
                 # A right code, but the account changed (enrolled, reset) since the checks
@@ -508,7 +532,7 @@ class Handlers:
 
     async def passkey_begin(self, request: web.Request) -> web.Response:
         caller = await self.writer(request)
-        self.enrollment_condition(caller)
+        await self.enrollment_condition(caller)
         name = caller.identity.email or caller.identity.user_id
         begun = await self.passkeys.begin_registration(
             user_id=caller.identity.user_id,
@@ -524,7 +548,7 @@ class Handlers:
         data = await self.body(request)
         name = data.get("name")
         # Checked again here: the account may have been enrolled or reset since begin.
-        condition = self.enrollment_condition(caller)
+        condition = await self.enrollment_condition(caller)
         try:
             record = await self.passkeys.finish_registration(
                 user_id=caller.identity.user_id,
@@ -535,7 +559,7 @@ class Handlers:
                 now=self.service.now(),
             )
             generation = await self.service.store.mfa.add_passkey(
-                record, expected_generation=condition
+                record, expected_generation=condition, binding=caller.binding
             )
         except ValueError:  # registered concurrently by another request
             raise Refusal(400, "passkey_failed", "This passkey is already registered.") from None

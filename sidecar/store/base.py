@@ -217,7 +217,8 @@ class UserStore(Protocol):
 class MfaStore(Protocol):
     """A user's MFA methods. ``expected_generation`` on a change: an ``int`` is the generation
     the caller's session was verified under (refused when it moved); ``None`` means a first
-    enrollment (refused when the user has a method by then). Changes return the user's
+    enrollment (refused when the user has a method by then, or when the caller's console
+    session, ``binding``, was revoked by a reset). Changes return the user's
     generation after the change (the one a session may now be verified under), or ``None``
     when refused."""
 
@@ -228,7 +229,15 @@ class MfaStore(Protocol):
 
     async def reset(self, user_id: str) -> tuple[bool, int]:
         """Bump the generation, then remove every method, code, pending enrollment and
-        ceremony of the user, in one transaction; (anything removed, new generation)."""
+        ceremony of the user and revoke every console session that verified, in one
+        transaction; (anything removed, new generation)."""
+
+    async def record_binding(self, user_id: str, binding: str, now: datetime) -> None:
+        """Remember that the console session ``binding`` verified MFA for the user (kept
+        for 90 days after its last verification; a revoked one stays revoked)."""
+
+    async def binding_revoked(self, user_id: str, binding: str) -> bool:
+        """Whether a reset revoked this console session of the user."""
 
     # TOTP
     async def begin_totp(
@@ -248,10 +257,12 @@ class MfaStore(Protocol):
         issued_after: datetime,
         expected_generation: int | None,
         now: datetime,
+        binding: str | None = None,
     ) -> int | None:
         """Make the pending ``secret`` the user's TOTP method with ``step`` as the last
         accepted time step, if it is still pending for ``session_id``, was begun after
-        ``issued_after``, the user has no TOTP method and the generation condition holds."""
+        ``issued_after``, the user has no TOTP method and the generation condition holds (for
+        a first enrollment: ``binding`` was not revoked by a reset)."""
 
     async def totp(self, user_id: str) -> TotpRecord | None: ...
 
@@ -263,7 +274,7 @@ class MfaStore(Protocol):
 
     # passkeys
     async def add_passkey(
-        self, record: PasskeyRecord, *, expected_generation: int | None
+        self, record: PasskeyRecord, *, expected_generation: int | None, binding: str | None = None
     ) -> int | None:
         """Store a new credential. A credential id already registered (to anyone) raises
         ``ValueError`` and changes nothing: credential ids are public, and overwriting one

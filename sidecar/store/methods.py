@@ -19,7 +19,7 @@ import hmac
 import json
 import secrets
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import RowMapping, delete, func, or_, select, union, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -29,6 +29,8 @@ from sidecar.store.base import MfaState, PasskeyRecord, PendingTotp, StoreUnavai
 from sidecar.store.db import LOCK_USER_MFA, Database
 
 _HANDLE_BYTES = 32
+#: How long a console session that verified is remembered (for revocation by a reset).
+BINDING_DAYS = 90
 
 
 def json_list(values: Iterable[str]) -> str:
@@ -64,15 +66,33 @@ class SqlMfa:
         return (await conn.execute(query)).first() is not None
 
     async def _holds(
-        self, conn: AsyncConnection, user_id: str, expected_generation: int | None
+        self,
+        conn: AsyncConnection,
+        user_id: str,
+        expected_generation: int | None,
+        binding: str | None = None,
     ) -> int | None:
         """Take the user's lock and check the condition of a change (see ``MfaStore``);
-        the current generation when it holds."""
+        the current generation when it holds. A first enrollment also needs a console
+        session (``binding``) that a reset has not revoked."""
         await self._db.lock(conn, LOCK_USER_MFA, user_id)
         generation = await self._generation(conn, user_id)
         if expected_generation is None:
-            return None if await self._has_method(conn, user_id) else generation
+            if await self._has_method(conn, user_id):
+                return None
+            if binding is not None and await self._revoked(conn, user_id, binding):
+                return None
+            return generation
         return generation if generation == expected_generation else None
+
+    async def _revoked(self, conn: AsyncConnection, user_id: str, binding: str) -> bool:
+        vb = schema.verified_bindings
+        row = (
+            await conn.execute(
+                select(vb.c.revoked).where(vb.c.user_key == user_id, vb.c.binding == binding)
+            )
+        ).first()
+        return row is not None and bool(row.revoked)
 
     async def _bump(self, conn: AsyncConnection, user_id: str) -> int:
         mfa = schema.user_mfa
@@ -138,7 +158,34 @@ class SqlMfa:
             codes = schema.recovery_codes
             await conn.execute(delete(codes).where(codes.c.user_key == user_id))
             await self._discard_pending(conn, user_id)
+            # Whoever verified before the reset (perhaps the one it evicts) cannot enroll the
+            # first new factor from that console session.
+            vb = schema.verified_bindings
+            await conn.execute(update(vb).where(vb.c.user_key == user_id).values(revoked=True))
         return removed > 0, generation
+
+    async def record_binding(self, user_id: str, binding: str, now: datetime) -> None:
+        vb = schema.verified_bindings
+        stmt = self._db.insert(vb).values(
+            user_key=user_id, binding=binding, last_verified=now, revoked=False
+        )
+        # Never un-revoked: a revoked console session stays revoked.
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[vb.c.user_key, vb.c.binding],
+            set_={"last_verified": stmt.excluded.last_verified},
+        )
+        async with self._db.transaction(write=True) as conn:
+            await conn.execute(stmt)
+            await conn.execute(
+                delete(vb).where(
+                    vb.c.user_key == user_id,
+                    vb.c.last_verified < now - timedelta(days=BINDING_DAYS),
+                )
+            )
+
+    async def binding_revoked(self, user_id: str, binding: str) -> bool:
+        async with self._db.transaction(write=False) as conn:
+            return await self._revoked(conn, user_id, binding)
 
     # --- TOTP ------------------------------------------------------------------------------
 
@@ -183,10 +230,11 @@ class SqlMfa:
         issued_after: datetime,
         expected_generation: int | None,
         now: datetime,
+        binding: str | None = None,
     ) -> int | None:
         pending, totp = schema.pending_totp, schema.totp
         async with self._db.transaction(write=True) as conn:
-            generation = await self._holds(conn, user_id, expected_generation)
+            generation = await self._holds(conn, user_id, expected_generation, binding)
             if generation is None:
                 return None
             row = (
@@ -263,11 +311,11 @@ class SqlMfa:
     # --- passkeys --------------------------------------------------------------------------
 
     async def add_passkey(
-        self, record: PasskeyRecord, *, expected_generation: int | None
+        self, record: PasskeyRecord, *, expected_generation: int | None, binding: str | None = None
     ) -> int | None:
         passkeys = schema.passkeys
         async with self._db.transaction(write=True) as conn:
-            generation = await self._holds(conn, record.user_id, expected_generation)
+            generation = await self._holds(conn, record.user_id, expected_generation, binding)
             if generation is None:
                 return None
             stmt = (

@@ -285,6 +285,19 @@ def _v2_exact_ids_and_grace_epochs(conn: Connection) -> None:
     conn.execute(text("DELETE FROM lockout"))  # keyed by folded ids; counters are short-lived
 
 
+def _v3_verified_bindings(conn: Connection) -> None:
+    md = MetaData()
+    Table(
+        "verified_bindings",
+        md,
+        Column("user_key", String, primary_key=True),
+        Column("binding", String, primary_key=True),
+        Column("last_verified", UtcDateTime, nullable=False),
+        Column("revoked", Boolean, nullable=False),
+    )
+    md.create_all(conn, checkfirst=False)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _v1_initial),
     Migration(
@@ -292,6 +305,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         "exact user ids, grace epochs, pending TOTP bound to a session",
         _v2_exact_ids_and_grace_epochs,
     ),
+    Migration(3, "console sessions that verified, revoked by a reset", _v3_verified_bindings),
 )
 
 #: The schema version this code expects.

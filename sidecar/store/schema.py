@@ -216,3 +216,15 @@ rekeyed_users = Table(
     Column("new_id", String, nullable=False),
     Column("rekeyed_at", UtcDateTime, nullable=False),
 )
+
+# Console credentials (the session binding hash) that verified MFA for a user. A reset revokes
+# them all: a browser holding one of those console sessions cannot enroll the account's first
+# factor afterwards (sign in to the console again first). Rows expire with their session.
+verified_bindings = Table(
+    "verified_bindings",
+    metadata,
+    Column("user_key", String, primary_key=True),
+    Column("binding", String, primary_key=True),
+    Column("last_verified", UtcDateTime, nullable=False),
+    Column("revoked", Boolean, nullable=False),
+)

@@ -8,6 +8,7 @@ actions leaving no trace.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -20,8 +21,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from sidecar.app import METRICS, MFA
-from sidecar.mfa.service import Actor
-from tests.mfa.attack import Client, Org, OrgFactory, gather_responses, org_factory
+from sidecar.mfa.service import Actor, MfaService
+from tests.mfa.attack import Browser, Client, Org, OrgFactory, gather_responses, org_factory
 from tests.mfa.softauthn import SoftAuthenticator
 from tests.store.support import StoreKind
 
@@ -344,3 +345,93 @@ async def test_refused_admin_actions_are_audited_and_rate_limited(make_org: OrgF
     assert ("u-bob", "csrf") in reasons
     registry = org.servers[0].app[METRICS].registry
     assert registry.get_sample_value("sidecar_admin_refusals_total", {"reason": "forbidden"}) == 30
+
+
+# --- part two, 1. a reset cannot be outrun ----------------------------------------------
+
+
+async def add_factor(intruder: Browser, authn: SoftAuthenticator, token: str, delay: float) -> int:
+    """One more passkey through begin and finish, after ``delay``; the final status."""
+    await asyncio.sleep(delay)
+    begun = await intruder.call("/mfa/api/passkey/begin", csrf=token)
+    if begun.status != 200:
+        return begun.status
+    finish = await intruder.call(
+        "/mfa/api/passkey/finish",
+        {"credential": authn.create(await begun.json()), "name": "spare"},
+        csrf=token,
+    )
+    return finish.status
+
+
+async def reset_after(service: MfaService, delay: float) -> int:
+    await asyncio.sleep(delay)
+    await service.reset("u-carol", Actor("u-admin", None))
+    return 0
+
+
+async def test_a_reset_racing_enrollments_on_another_replica_leaves_nothing_behind(
+    make_org: OrgFactory,
+) -> None:
+    org = await make_org(replicas=2)
+    org.add_user("carol", "u-carol")
+    added_before_a_reset = 0
+    for round_ in range(4):
+        # The intruder holds a verified session (a console login of carol's) on replica 0.
+        login = f"stolen-{round_}"
+        org.add_user(login, "u-carol")
+        intruder = await org.browser(login)
+        authn = SoftAuthenticator(RP_ID, ORIGIN)
+        first = await intruder.enroll_passkey(authn)
+        assert first.status == 200, await first.text()
+        token = (await intruder.status())["csrf_token"]
+        # A steady stream of enrollments on replica 0, a reset on replica 1 in its middle.
+        results = await asyncio.gather(
+            *(add_factor(intruder, authn, token, 0.015 * i) for i in range(16)),
+            reset_after(org.servers[1].app[MFA], 0.05 + 0.02 * round_),
+        )
+        statuses = list(results[:-1])
+        # 400: a ceremony overtaken by a concurrent begin in the same session, or discarded
+        # by the reset; 403/409: refused after the reset.
+        assert set(statuses) <= {200, 400, 403, 409}, statuses
+        added_before_a_reset += statuses.count(200)
+        # Whatever was added before the reset went with it; nothing was added after it.
+        state = await org.stores[0].mfa.state("u-carol")
+        assert (state.passkeys, state.totp) == (0, False), (round_, statuses)
+        assert not (await intruder.status())["verified"]
+        # Nor can the evicted console session enroll the first new factor, with or without
+        # its sidecar cookie.
+        for browser in (intruder, await org.browser(login)):
+            refused = await browser.call("/mfa/api/passkey/begin")
+            assert refused.status == 403
+            assert (await refused.json())["error"] == "sign_in_again"
+    assert added_before_a_reset > 0  # the race was run: factors were added, then removed
+    # The member, signed in to the console anew, enrolls and is the only one with a factor.
+    org.add_user("carol-again", "u-carol")
+    member = await org.browser("carol-again")
+    assert (await member.enroll_passkey(SoftAuthenticator(RP_ID, ORIGIN))).status == 200
+    assert (await org.stores[1].mfa.state("u-carol")).passkeys == 1
+    refusals = [r for r in org.audit("mfa.enrolled") if r["outcome"] == "refused"]
+    assert refusals
+    assert {r["details"]["reason"] for r in refusals} == {"session_reset"}
+
+
+async def test_a_session_verified_before_a_reset_never_counts_after_it(
+    make_org: OrgFactory,
+) -> None:
+    org = await make_org(replicas=2, security={"mfa_policy": "all", "grace_period": "0s"})
+    org.add_user("carol", "u-carol")
+    carol = await org.browser("carol")
+    secret, codes = await carol.enroll_totp()
+    json_accept = {"Accept": "application/json"}
+    assert (await carol.get("/settings", headers=json_accept)).status == 200
+    await org.servers[1].app[MFA].reset("u-carol", Actor("cli", None))
+    # On the other replica the gate's cache may still hold the old state for up to 5 s;
+    # every sidecar route reads the store: nothing done with this session succeeds.
+    assert not (await carol.status())["verified"]
+    for path, body in [
+        ("/mfa/api/recovery-codes/regenerate", None),
+        ("/mfa/api/verify/totp", {"code": _next(secret)}),
+        ("/mfa/api/verify/recovery", {"code": (codes or ["x"])[0]}),
+    ]:
+        assert (await carol.call(path, body)).status in (403, 409), path

@@ -199,6 +199,8 @@ CALLS: dict[str, Callable[[Store], Awaitable[object]]] = {
     "mfa.state": lambda s: s.mfa.state("a"),
     "mfa.enrolled_users": lambda s: s.mfa.enrolled_users(),
     "mfa.reset": lambda s: s.mfa.reset("a"),
+    "mfa.record_binding": lambda s: s.mfa.record_binding("a", "b", T0),
+    "mfa.binding_revoked": lambda s: s.mfa.binding_revoked("a", "b"),
     "mfa.begin_totp": lambda s: s.mfa.begin_totp("a", "S", session_id="s", now=T0),
     "mfa.pending_totp": lambda s: s.mfa.pending_totp("a"),
     "mfa.confirm_totp": lambda s: s.mfa.confirm_totp(

@@ -199,3 +199,41 @@ async def test_reset_bumps_the_generation_and_removes_everything(store: SqlStore
     assert (await store.users.touch("gina", email=None, role=None, now=T0)).mfa_generation == 2
     assert await store.mfa.reset("Nobody") == (False, 1)
     assert (await store.mfa.state("never-reset")).mfa_generation == 0
+
+
+async def test_a_reset_revokes_every_console_session_that_verified(
+    store: SqlStore, replica: SqlStore
+) -> None:
+    await store.mfa.record_binding("gina", "console-session-1", T0)
+    await store.mfa.record_binding("gina", "console-session-2", T0)
+    await store.mfa.record_binding("hank", "console-session-1", T0)  # another user's
+    assert not await store.mfa.binding_revoked("gina", "console-session-1")
+    await replica.mfa.reset("gina")
+    assert await store.mfa.binding_revoked("gina", "console-session-1")
+    assert await store.mfa.binding_revoked("gina", "console-session-2")
+    assert not await store.mfa.binding_revoked("hank", "console-session-1")
+    assert not await store.mfa.binding_revoked("gina", "a-new-console-login")
+    # Verifying again later (after re-enrolling elsewhere) never un-revokes it...
+    await store.mfa.record_binding("gina", "console-session-1", T0 + timedelta(hours=1))
+    assert await store.mfa.binding_revoked("gina", "console-session-1")
+    # ...and the store refuses a first enrollment from it, whatever the caller checked.
+    record = passkey("gina", b"cred-after-reset")
+    assert (
+        await store.mfa.add_passkey(record, expected_generation=None, binding="console-session-1")
+        is None
+    )
+    assert (
+        await store.mfa.add_passkey(record, expected_generation=None, binding="a-new-console-login")
+        == 1
+    )
+
+
+async def test_console_sessions_are_forgotten_90_days_after_their_last_verification(
+    store: SqlStore,
+) -> None:
+    await store.mfa.record_binding("gina", "old", T0)
+    await store.mfa.record_binding("gina", "recent", T0 + timedelta(days=80))
+    await store.mfa.record_binding("gina", "now", T0 + timedelta(days=91))
+    await store.mfa.reset("gina")
+    assert not await store.mfa.binding_revoked("gina", "old")  # forgotten before the reset
+    assert await store.mfa.binding_revoked("gina", "recent")
