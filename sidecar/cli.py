@@ -168,6 +168,24 @@ def _cmd_store_check(args: argparse.Namespace) -> int:
     return _run_store_command(config, _ok(store_check(config)))
 
 
+def _cmd_store_backup(args: argparse.Namespace) -> int:
+    from sidecar.operations import store_backup
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    return _run_store_command(config, store_backup(config, Path(args.file)))
+
+
+def _cmd_store_restore(args: argparse.Namespace) -> int:
+    from sidecar.operations import store_restore
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    return _run_store_command(config, store_restore(config, Path(args.file) if args.file else None))
+
+
 def _cmd_ip_explain(args: argparse.Namespace) -> int:
     from sidecar.explain import explain_ip
 
@@ -264,6 +282,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check_store.add_argument("--config", "-c", required=True, metavar="FILE")
     check_store.set_defaults(func=_cmd_store_check)
+    backup = store_commands.add_parser(
+        "backup", help="online backup of the SQLite store into FILE (PostgreSQL: pg_dump)"
+    )
+    backup.add_argument("file", metavar="FILE")
+    backup.add_argument("--config", "-c", required=True, metavar="FILE")
+    backup.set_defaults(func=_cmd_store_backup)
+    restore = store_commands.add_parser(
+        "restore",
+        help="with the sidecar stopped: put a SQLite backup in place (PostgreSQL: after "
+        "pg_restore, without FILE) and record the restore point in the audit trail",
+    )
+    restore.add_argument("file", metavar="FILE", nargs="?")
+    restore.add_argument("--config", "-c", required=True, metavar="FILE")
+    restore.set_defaults(func=_cmd_store_restore)
 
     security = commands.add_parser("security", help="live security settings (break-glass)")
     security_commands = security.add_subparsers(

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
+import sqlite3
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,7 +26,9 @@ from sidecar.mfa.service import Actor, MfaMetrics, MfaService
 from sidecar.settings import SettingsService, settings_changes, settings_from_config
 from sidecar.store import open_store
 from sidecar.store.base import Store, StoreUnavailable
-from sidecar.store.chain import verify_chain
+from sidecar.store.chain import FileRecord, reconcile, verify_chain
+from sidecar.store.migrations import LATEST_VERSION
+from sidecar.store.sql import SqlStore
 
 CLI_ACTOR = Actor("cli", None)
 
@@ -41,44 +46,185 @@ async def _store(config: Config) -> AsyncIterator[Store]:
         await asyncio.sleep(0.05)
 
 
-def _last_file_record(path: str) -> dict[str, object] | None:
-    """The last chained record the audit file holds (it has ``seq`` and ``hash``)."""
+def file_records(path: str) -> list[FileRecord]:
+    """The audit file's records, in the order written (unparseable lines skipped)."""
     if path == "-" or not Path(path).is_file():
-        return None
-    last: dict[str, object] | None = None
+        return []
+    records = []
     with open(path, encoding="utf-8", errors="replace") as lines:
-        for line in lines:
+        for number, line in enumerate(lines, start=1):
             try:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(record, dict) and "seq" in record and "hash" in record:
-                last = record
-    return last
+            if not isinstance(record, dict):
+                continue
+            seq, digest = record.get("seq"), record.get("hash")
+            details = record.get("details")
+            records.append(
+                FileRecord(
+                    line=number,
+                    seq=seq if isinstance(seq, int) else None,
+                    hash=digest if isinstance(digest, str) else None,
+                    time=str(record.get("time", "")),
+                    action=str(record.get("action", "")),
+                    details=details if isinstance(details, dict) else {},
+                )
+            )
+    return records
+
+
+def _span(records: list[FileRecord]) -> str:
+    seqs = sorted(r.seq for r in records if r.seq is not None)
+    return f"seq {seqs[0]}" if len(seqs) == 1 else f"seq {seqs[0]}..{seqs[-1]}"
 
 
 async def audit_verify(config: Config) -> tuple[bool, str]:
+    """The store's hash chain, then the audit file held against it (``reconcile``)."""
     async with _store(config) as store:
         entries = await store.audit.all()
     broken = verify_chain(entries)
-    if broken is None:
-        # The chain cannot show records cut off at its end; the file's copy can.
-        tail = _last_file_record(config.audit.file)
-        if tail is not None:
-            seq = tail["seq"]
-            stored = next((e for e in entries if e.seq == seq), None)
-            if stored is None or stored.hash != tail["hash"]:
-                return False, (
-                    f"audit chain BROKEN at its end: {config.audit.file} records seq {seq}, "
-                    f"which the store {'does not hold' if stored is None else 'holds changed'}"
-                    f" (the store ends at seq {entries[-1].seq if entries else 0})"
+    if broken is not None:
+        return False, (
+            f"audit chain BROKEN at record {broken}: it was edited, deleted, reordered or "
+            "inserted out of order (records before it verify)"
+        )
+    report = reconcile(entries, file_records(config.audit.file))
+    last = entries[-1].hash[:16] if entries else "-"
+    lines = [f"audit chain intact in the store: {len(entries)} records (last hash {last}...)"]
+    for restore in report.restores:
+        lost = [p for p, r in report.lost_at_restore if r is restore]
+        lines.append(
+            f"restore point: seq {restore.seq} at {restore.time} (store.restored, back to "
+            f"seq {restore.details.get('restored_last_seq')} from "
+            f"{restore.details.get('backup', 'a backup')})"
+            + (
+                f"; {len(lost)} records written after that backup were lost with the store "
+                f"({_span(lost)}; their text is in {config.audit.file}, lines "
+                f"{lost[0].line}..{lost[-1].line})"
+                if lost
+                else ""
+            )
+        )
+    if report.file_only:
+        first, final = report.file_only[0], report.file_only[-1]
+        lines.append(
+            f"{len(report.file_only)} records exist only in {config.audit.file} (written "
+            f"while the store was unavailable, never chained), {first.time} to {final.time}: "
+            + ", ".join(sorted({r.action for r in report.file_only}))
+        )
+    if not report.intact:
+        for label, records in (
+            ("does not hold", report.missing),
+            ("holds changed", report.changed),
+        ):
+            if records:
+                lines.append(
+                    f"audit chain BROKEN: {config.audit.file} records {_span(records)}, which "
+                    f"the store {label} (the store ends at seq {entries[-1].seq if entries else 0}"
+                    "; no store.restored record explains it)"
                 )
-        last = entries[-1].hash[:16] if entries else "-"
-        return True, f"audit chain intact: {len(entries)} records (last hash {last}...)"
-    return False, (
-        f"audit chain BROKEN at record {broken}: it was edited, deleted, reordered or "
-        "inserted out of order (records before it verify)"
+        return False, "\n".join(lines)
+    return True, "\n".join(lines)
+
+
+async def store_backup(config: Config, target: Path) -> tuple[bool, str]:
+    """An online backup of the SQLite store, recorded in the audit trail (what it holds)."""
+    if not config.storage.url.startswith("sqlite"):
+        return False, (
+            "the store is PostgreSQL: back it up with pg_dump, e.g. "
+            "`pg_dump --format=custom --file=sidecar.dump <storage.url>` (see the runbook)"
+        )
+    async with _store(config) as store:
+        assert isinstance(store, SqlStore)
+        await store.backup(target)
+        entries = await store.audit.entries(limit=1)
+        audit = AuditLog(config.audit.file, CollectorRegistry(), store)
+        try:
+            await audit.record(
+                "store.backup",
+                actor="cli",
+                client_ip=None,
+                target=str(target),
+                last_seq=entries[0].seq if entries else 0,
+                last_hash=entries[0].hash if entries else None,
+            )
+        finally:
+            audit.close()
+    size = await asyncio.to_thread(os.path.getsize, target)
+    last_seq = entries[0].seq if entries else 0
+    return True, f"backed up to {target} ({size} bytes, audit records up to seq {last_seq})"
+
+
+async def store_restore(config: Config, source: Path | None) -> tuple[bool, str]:
+    """Put a backup in place (SQLite) or mark a restore done with pg_restore (PostgreSQL),
+    and record a ``store.restored`` audit event: the restore point ``audit verify`` shows
+    (records written after the backup are then "lost at a restore", not tampering)."""
+    sqlite_file = _sqlite_path(config)
+    if sqlite_file is not None:
+        if source is None:
+            return False, "give the backup file to restore: sidecar store restore FILE"
+        problem = await asyncio.to_thread(_restore_sqlite, source, sqlite_file)
+        if problem is not None:
+            return False, problem
+    elif source is not None:
+        return False, (
+            "the store is PostgreSQL: restore it with pg_restore first, then run "
+            "`sidecar store restore --config FILE` (without a file) to record the restore"
+        )
+    async with _store(config) as store:
+        entries = await store.audit.entries(limit=1)
+        audit = AuditLog(config.audit.file, CollectorRegistry(), store)
+        try:
+            await audit.record(
+                "store.restored",
+                actor="cli",
+                client_ip=None,
+                target="store",
+                backup=str(source) if source is not None else "pg_restore",
+                restored_last_seq=entries[0].seq if entries else 0,
+                restored_last_hash=entries[0].hash if entries else None,
+            )
+        finally:
+            audit.close()
+    back_to = entries[0].seq if entries else 0
+    return True, (
+        f"restored: the store holds audit records up to seq {back_to} and a store.restored "
+        "record after them; start the sidecar again, then run `sidecar audit verify`"
     )
+
+
+def _sqlite_path(config: Config) -> Path | None:
+    store = open_store(config.storage.url, config.storage.encryption_key)
+    assert isinstance(store, SqlStore)
+    return store.sqlite_file
+
+
+def _restore_sqlite(source: Path, live: Path) -> str | None:
+    """Replace ``live`` by ``source``; the reason it cannot, or None."""
+    try:
+        with closing(sqlite3.connect(f"file:{source}?mode=ro", uri=True)) as backup:
+            version = backup.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+    except sqlite3.Error as exc:
+        return f"{source} is not a sidecar store backup ({exc})"
+    if not isinstance(version, int) or version > LATEST_VERSION:
+        return f"{source} holds schema version {version}, which this sidecar cannot read"
+    if live.exists():
+        # A running sidecar keeps connections open: exclusive access is refused then, and
+        # a file copied over a database in use would be silently ignored by that process.
+        try:
+            with closing(sqlite3.connect(live, timeout=0.5, isolation_level=None)) as probe:
+                probe.execute("PRAGMA locking_mode = EXCLUSIVE")
+                probe.execute("BEGIN EXCLUSIVE")
+                probe.execute("ROLLBACK")
+        except sqlite3.Error:
+            return f"{live} is in use: stop every sidecar using it first, then restore"
+    staged = live.with_name(live.name + ".restoring")
+    shutil.copyfile(source, staged)
+    for leftover in (live.with_name(live.name + "-wal"), live.with_name(live.name + "-shm")):
+        leftover.unlink(missing_ok=True)
+    os.replace(staged, live)
+    return None
 
 
 async def reset_mfa(config: Config, user_id: str) -> str:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from sidecar.store.base import AuditEntry
 
@@ -84,3 +86,69 @@ def verify_chain(entries: Iterable[AuditEntry]) -> int | None:
         expected_seq += 1
         prev = entry.hash
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class FileRecord:
+    """One line of the audit file: chained (``seq`` and ``hash``) or not (written while the
+    store could not be reached)."""
+
+    line: int
+    seq: int | None
+    hash: str | None
+    time: str
+    action: str
+    details: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Reconciliation:
+    """The audit file held against the store's chain.
+
+    ``missing`` and ``changed``: chained file records the store lacks or holds differently,
+    not explained by a restore: tampering (or a truncated store). ``lost_at_restore``:
+    chained records written after the backup a restore went back to (the ``store.restored``
+    record in both the store and the file marks the restore point). ``file_only``: records
+    written while the store was unavailable, which were never chained."""
+
+    missing: list[FileRecord] = field(default_factory=list)
+    changed: list[FileRecord] = field(default_factory=list)
+    lost_at_restore: list[tuple[FileRecord, FileRecord]] = field(default_factory=list)
+    restores: list[FileRecord] = field(default_factory=list)
+    file_only: list[FileRecord] = field(default_factory=list)
+
+    @property
+    def intact(self) -> bool:
+        return not self.missing and not self.changed
+
+
+def reconcile(entries: Sequence[AuditEntry], file_records: Iterable[FileRecord]) -> Reconciliation:
+    """Compare the audit file, line by line, with the store's records (oldest first).
+
+    A ``store.restored`` record (``details.restored_last_seq``) says the store went back to
+    a backup ending at that sequence number: chained lines before it in the file with a
+    higher number were lost with the newer store, not tampered with. Every other chained
+    line must be in the store, unchanged.
+    """
+    stored = {e.seq: e.hash for e in entries}
+    out = Reconciliation()
+    pending: list[FileRecord] = []
+    for record in file_records:
+        if record.seq is None:
+            out.file_only.append(record)
+            continue
+        if record.action == "store.restored":
+            back_to = record.details.get("restored_last_seq")
+            if isinstance(back_to, int) and stored.get(record.seq) == record.hash:
+                out.restores.append(record)
+                out.lost_at_restore.extend(
+                    (p, record) for p in pending if p.seq and p.seq > back_to
+                )
+                pending = [p for p in pending if p.seq is not None and p.seq <= back_to]
+        pending.append(record)
+    for record in pending:
+        if record.seq not in stored:
+            out.missing.append(record)
+        elif stored[record.seq] != record.hash:
+            out.changed.append(record)
+    return out

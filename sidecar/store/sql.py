@@ -7,8 +7,12 @@ by aggregate: ``users``, ``mfa``, ``lockout``, ``settings``, ``audit``, one modu
 
 from __future__ import annotations
 
-from contextlib import suppress
+import asyncio
+import os
+import sqlite3
+from contextlib import closing, suppress
 from datetime import UTC, datetime
+from pathlib import Path
 
 from sqlalchemy import func, literal, select
 from sqlalchemy.engine import URL
@@ -102,5 +106,39 @@ class SqlStore:
         async with self._db.transaction(write=False) as conn:
             await conn.execute(select(literal(1)))
 
+    @property
+    def sqlite_file(self) -> Path | None:
+        """The SQLite database file, or None on PostgreSQL."""
+        return self._db.sqlite_file
+
+    async def backup(self, target: Path) -> None:
+        """Copy the live SQLite database to ``target`` as one consistent, self-contained file
+        (SQLite's online backup: committed transactions, including those still in the
+        write-ahead log, which a plain file copy misses), while the sidecar keeps running.
+        Written beside ``target`` and renamed into place. PostgreSQL: ``ValueError`` (use
+        pg_dump)."""
+        source = self._db.sqlite_file
+        if source is None:
+            raise ValueError("PostgreSQL stores are backed up with pg_dump")
+        await asyncio.to_thread(sqlite_backup, source, target)
+
     async def close(self) -> None:
         await self._db.close()
+
+
+def sqlite_backup(source: Path, target: Path) -> None:
+    """The online backup of ``source`` into ``target`` (see ``SqlStore.backup``)."""
+    partial = target.with_name(target.name + ".partial")
+    partial.unlink(missing_ok=True)
+    try:
+        with (
+            closing(sqlite3.connect(f"file:{source}?mode=ro", uri=True)) as live,
+            closing(sqlite3.connect(partial)) as copy,
+        ):
+            live.backup(copy)
+            # One file, no -wal beside it: the copy is complete on its own.
+            copy.execute("PRAGMA journal_mode = DELETE")
+        os.replace(partial, target)
+    except sqlite3.Error as exc:
+        partial.unlink(missing_ok=True)
+        raise StoreUnavailable(f"backup failed: {exc}") from exc

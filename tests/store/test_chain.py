@@ -11,7 +11,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sidecar.store import AuditEntry
-from sidecar.store.chain import GENESIS, canonical_time, record_hash, verify_chain
+from sidecar.store.chain import (
+    GENESIS,
+    FileRecord,
+    canonical_time,
+    reconcile,
+    record_hash,
+    verify_chain,
+)
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -150,3 +157,46 @@ def test_any_single_edit_is_found(index: int, field: str, value: str) -> None:
         return
     entries[index] = dataclasses.replace(entries[index], **{field: value})  # type: ignore[arg-type]
     assert verify_chain(entries) == index + 1
+
+
+def _file(seq: int | None, digest: str | None, action: str = "x", **details: object) -> FileRecord:
+    return FileRecord(line=0, seq=seq, hash=digest, time="t", action=action, details=details)
+
+
+def _chain(n: int) -> list[AuditEntry]:
+    entries: list[AuditEntry] = []
+    prev = GENESIS
+    for seq in range(1, n + 1):
+        digest = record_hash(prev, seq, T0, None, None, "x", None, "success", "{}")
+        entries.append(AuditEntry(seq, T0, None, None, "x", None, "success", "{}", prev, digest))
+        prev = digest
+    return entries
+
+
+def test_reconcile_tells_restores_from_tampering() -> None:
+    store = _chain(6)  # after a restore to seq 3, seq 4 is the store.restored record
+    h = {e.seq: e.hash for e in store}
+    lines = [
+        *(_file(s, h[s]) for s in (1, 2, 3)),
+        _file(4, "old-4"),  # written before the restore, lost with the newer store
+        _file(5, "old-5"),
+        _file(None, None, "mfa.verify"),  # the store was down
+        _file(4, h[4], "store.restored", restored_last_seq=3),
+        _file(5, h[5]),
+        _file(6, h[6]),
+    ]
+    report = reconcile(store, lines)
+    assert report.intact
+    assert [r.seq for r in report.restores] == [4]
+    assert [p.seq for p, _ in report.lost_at_restore] == [4, 5]
+    assert [r.action for r in report.file_only] == ["mfa.verify"]
+
+    # Without the restore record, the same file is tampering.
+    tampered = reconcile(store, [line for line in lines if line.action != "store.restored"])
+    assert not tampered.intact
+    assert [r.seq for r in tampered.changed] == [4, 5]
+    # A forged restore record (not in the store) explains nothing.
+    forged = [*lines[:5], _file(4, "forged", "store.restored", restored_last_seq=3)]
+    assert not reconcile(store, forged).intact
+    # Records the store lacks, without a restore, are missing.
+    assert [r.seq for r in reconcile(_chain(3), lines[:5]).missing] == [4, 5]
