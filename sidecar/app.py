@@ -160,6 +160,11 @@ def build_app(
         gauges.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await gauges
+        # Retired identity providers waiting to be closed: closed now.
+        background: list[asyncio.Task[None]] = [*app[BACKGROUND]]
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         await settings.stop()
         await app[UPSTREAM].close()
         await identity.provider.close()
@@ -251,8 +256,10 @@ async def apply_config(app: web.Application, new: Config) -> list[str]:
         ref.provider = provider
 
         async def close_later() -> None:
-            await asyncio.sleep(30)  # let requests that hold the old provider finish
-            await retired.close()
+            try:
+                await asyncio.sleep(30)  # let requests that hold the old provider finish
+            finally:
+                await retired.close()  # also at once when the app shuts down
 
         task = asyncio.get_running_loop().create_task(close_later())
         _background_tasks(app).add(task)
@@ -285,7 +292,6 @@ async def _refresh_user_gauges(service: MfaService, settings: SettingsService) -
             try:
                 await service.refresh_user_gauges(
                     policy=MfaPolicy(current.mfa_policy),
-                    epochs=current.grace_epochs,
                     grace_period=current.grace_period_seconds,
                 )
             except StoreUnavailable as exc:

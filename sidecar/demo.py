@@ -23,7 +23,7 @@ from sidecar.demo_console import DEMO_USERS, build_demo_console
 from sidecar.logs import configure_logging
 from sidecar.server import run_until_stopped, serve
 from sidecar.settings import SettingsService
-from sidecar.store import GraceEpochs, open_store
+from sidecar.store import open_store
 
 
 def _keys(data_dir: Path) -> dict[str, str]:
@@ -92,15 +92,12 @@ async def seed_demo_state(config: Config) -> None:
         await store.migrate()
         settings = SettingsService(store, config, lambda _: None)
         await settings.load()
-        epochs = settings.current.grace_epochs if settings.current else GraceEpochs(0, 0)
         now = datetime.now(UTC)
         starts = {"u-alice": now - timedelta(days=4), "u-bob": now - timedelta(hours=20)}
         for user in DEMO_USERS:
             await store.users.touch(user.id, email=user.email, role=user.role, now=now)
-            if user.id in starts:  # the owner and the admin: privileged
-                await store.users.grace_started(
-                    user.id, epochs=epochs, privileged=True, now=starts[user.id]
-                )
+            if user.id in starts:
+                await store.users.grace_started(user.id, starts[user.id])
     finally:
         await store.close()
 

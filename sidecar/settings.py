@@ -23,9 +23,10 @@ from datetime import UTC, datetime
 
 from sidecar.audit import AuditLog
 from sidecar.config import Config, IpNetwork
+from sidecar.identity.base import role_is_privileged
 from sidecar.logs import fields
-from sidecar.mfa.policy import MfaPolicy, next_grace_epochs
-from sidecar.store.base import GraceEpochs, SecuritySettings, Store, StoreUnavailable
+from sidecar.mfa.policy import MfaPolicy, grace_restarts
+from sidecar.store.base import SecuritySettings, Store, StoreUnavailable
 
 log = logging.getLogger("sidecar.settings")
 
@@ -39,7 +40,6 @@ def settings_from_config(config: Config, *, now: datetime) -> SecuritySettings:
         grace_period_seconds=security.grace_period,
         ip_allowlist=tuple(str(n) for n in security.ip_allowlist),
         ip_denylist=tuple(str(n) for n in security.ip_denylist),
-        grace_epochs=GraceEpochs(0, 0),
         version=0,
         updated_by="config",
         updated_at=now,
@@ -84,19 +84,12 @@ def next_settings(
     actor: str,
     now: datetime,
 ) -> SecuritySettings:
-    """The settings after a change: a group's grace epoch moves when the policy change starts
-    or lifts that group's requirement (see ``sidecar.mfa.policy.next_grace_epochs``)."""
-    epochs = GraceEpochs(0, 0)
-    if current is not None:
-        epochs = next_grace_epochs(
-            MfaPolicy(current.mfa_policy), MfaPolicy(mfa_policy), current.grace_epochs
-        )
+    """The settings after a change (a new version; ``updated_by``, ``updated_at``)."""
     return SecuritySettings(
         mfa_policy=mfa_policy,
         grace_period_seconds=grace_period_seconds,
         ip_allowlist=ip_allowlist,
         ip_denylist=ip_denylist,
-        grace_epochs=epochs,
         version=(current.version if current else 0) + 1,
         updated_by=actor,
         updated_at=now,
@@ -156,6 +149,19 @@ class SettingsService:
     def managed_by(self) -> str:
         return self._config.security.managed_by
 
+    async def grace_restarts(
+        self, old: SecuritySettings | None, new: SecuritySettings
+    ) -> list[str]:
+        """Who a policy change newly requires or releases (their clocks restart with it)."""
+        if old is None or old.mfa_policy == new.mfa_policy:
+            return []
+        roles = self._config.identity.admin_roles
+        return grace_restarts(
+            MfaPolicy(old.mfa_policy),
+            MfaPolicy(new.mfa_policy),
+            ((u.user_id, role_is_privileged(u.role, roles)) for u in await self._store.users.all()),
+        )
+
     def _publish(self, settings: SecuritySettings) -> None:
         changed = self.current is None or self.current.version != settings.version
         self.current = settings
@@ -180,7 +186,9 @@ class SettingsService:
                 now=now,
             )
             saved = await self._store.settings.save(
-                new, expected_version=stored.version if stored else 0
+                new,
+                expected_version=stored.version if stored else 0,
+                restart_grace=await self.grace_restarts(stored, new),
             )
             stored = saved if saved is not None else await self._store.settings.current()
             if saved is not None:
@@ -275,7 +283,11 @@ class SettingsService:
             actor=actor,
             now=self._clock(),
         )
-        saved = await self._store.settings.save(new, expected_version=expected_version)
+        saved = await self._store.settings.save(
+            new,
+            expected_version=expected_version,
+            restart_grace=await self.grace_restarts(current, new),
+        )
         if saved is not None:
             self._publish(saved)
         return saved

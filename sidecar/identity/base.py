@@ -86,10 +86,16 @@ class IdentityProvider(Protocol):
 
 def is_privileged(identity: Identity, admin_roles: Sequence[str]) -> bool:
     """Whether the identity's role is one of ``admin_roles``, compared case-insensitively."""
-    if identity.role is None:
+    return role_is_privileged(identity.role, admin_roles)
+
+
+def role_is_privileged(role: str | None, admin_roles: Sequence[str]) -> bool:
+    """Whether ``role`` (as the console reports it, or as last seen) is one of
+    ``admin_roles``, compared case-insensitively (roles are labels, not keys)."""
+    if role is None:
         return False
-    role = identity.role.casefold()
-    return any(role == admin.casefold() for admin in admin_roles)
+    folded = role.casefold()
+    return any(folded == admin.casefold() for admin in admin_roles)
 
 
 def credential_hash(*groups: Sequence[str]) -> bytes:

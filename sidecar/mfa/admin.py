@@ -36,7 +36,7 @@ from sidecar.config import MAX_DURATION_SECONDS, Config, parse_cidr, parse_durat
 from sidecar.decision import Decision
 from sidecar.identity.base import is_privileged, valid_user_id
 from sidecar.mfa import pages, security_pages
-from sidecar.mfa.policy import MfaPolicy, next_grace_epochs
+from sidecar.mfa.policy import MfaPolicy
 from sidecar.mfa.routes import (
     Caller,
     Guard,
@@ -213,12 +213,11 @@ class AdminHandlers:
 
     async def preview(self, policy: MfaPolicy, grace_period: float) -> dict[str, int]:
         """How known users would fare under ``policy``: enrolled, in grace, blocked (required,
-        not enrolled, grace over), not required. Clocks are judged with the epochs the change
-        would produce: users it newly requires would start a clock now."""
+        not enrolled, grace over), not required. Users the change newly requires would start
+        a clock now."""
         current = self.loaded()
-        epochs = next_grace_epochs(MfaPolicy(current.mfa_policy), policy, current.grace_epochs)
         standings = await self.service.standings(
-            policy=policy, epochs=epochs, grace_period=grace_period
+            policy=policy, grace_period=grace_period, current=MfaPolicy(current.mfa_policy)
         )
         counts = {"users": len(standings), "enrolled": 0, "grace": 0, "blocked": 0}
         counts["not_required"] = 0

@@ -8,22 +8,21 @@ Rules (DESIGN pipeline step 5):
 - A required user who is not enrolled has a grace period: the clock starts the first time the
   requirement is seen for them (the caller persists that start and passes it in). Re-login,
   new sessions, role flapping and policy edits that leave them required reuse the stored
-  start. A policy change starts clocks only for the users it newly requires; a user whose
-  requirement was lifted by a policy change and later re-imposed starts a new clock. This is
-  tracked with one epoch per group (privileged users, everyone else) that moves whenever a
-  policy change starts or lifts that group's requirement (:func:`next_grace_epochs`); a stored
-  clock runs while its group's epoch has not moved. The deadline is always start + the
-  *current* grace period, so shortening it applies at once.
+  start. A policy change removes the clocks of the users it newly requires or releases
+  (:func:`grace_restarts`, judged by each user's last-seen role, in the same transaction as
+  the change): a newly required user starts a clock when next seen, and so does a user whose
+  requirement was lifted and later re-imposed. The deadline is always start + the *current*
+  grace period, so shortening it applies at once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
 from sidecar.decision import Decision
-from sidecar.store.base import GraceEpochs, GraceRecord
 
 
 class MfaPolicy(StrEnum):
@@ -36,26 +35,20 @@ def is_required(policy: MfaPolicy, privileged: bool) -> bool:
     return policy is MfaPolicy.ALL or (policy is MfaPolicy.ADMINS and privileged)
 
 
-def next_grace_epochs(old: MfaPolicy | None, new: MfaPolicy, epochs: GraceEpochs) -> GraceEpochs:
-    """The epochs after a policy change: each group's moves when the change starts or lifts
-    its requirement (``admins`` -> ``all`` moves only the members' epoch, so an admin's clock
-    keeps running; ``all`` -> ``admins`` -> ``all`` moves it twice, so a member's restarts)."""
-    if old is None:
-        return epochs
-    return GraceEpochs(
-        admins=epochs.admins + (is_required(old, True) != is_required(new, True)),
-        members=epochs.members + (is_required(old, False) != is_required(new, False)),
-    )
-
-
-def running_clock(
-    record: GraceRecord | None, epochs: GraceEpochs, *, privileged: bool
-) -> datetime | None:
-    """The start of the user's grace clock if it still runs under ``epochs``, else None (a
-    clock would start anew). ``SqlUsers.grace_started`` applies the same rule in its query."""
-    if record is None or record.epochs.of(privileged) < epochs.of(privileged):
-        return None
-    return record.started_at
+def grace_restarts(
+    old: MfaPolicy | None, new: MfaPolicy, users: Iterable[tuple[str, bool]]
+) -> list[str]:
+    """The users (``(id, privileged)``) whose grace clock a policy change from ``old`` to
+    ``new`` restarts: those it newly requires or releases, judged by the role they were last
+    seen with. Everyone required before and after keeps their clock (``admins`` -> ``all``
+    -> ``admins`` never renews an admin's grace); a role change never restarts a clock."""
+    if old is None or old is new:
+        return []
+    return [
+        user
+        for user, privileged in users
+        if is_required(old, privileged) != is_required(new, privileged)
+    ]
 
 
 @dataclass(frozen=True, slots=True)

@@ -308,9 +308,7 @@ class Handlers:
         if current is None or caller.state.enrolled or not self.required(caller.identity):
             return None
         start = await self.service.grace_started(
-            caller.identity.user_id,
-            epochs=current.grace_epochs,
-            privileged=is_privileged(caller.identity, self.config.identity.admin_roles),
+            caller.identity.user_id, settings_version=current.version
         )
         return (start + timedelta(seconds=current.grace_period_seconds)).isoformat()
 

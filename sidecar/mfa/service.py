@@ -4,8 +4,8 @@ recovery codes and resets, with their audit records and metrics.
 The gate's questions ("is this user enrolled?", "when did their grace start?") are answered
 from small in-memory caches: a user's MFA state for ``STATE_TTL`` seconds (so a change made on
 another replica is seen within that time; changes made here invalidate at once) and grace
-starts until the policy epochs move. Everything that changes a user's methods or checks a step-up
-reads the store uncached (:meth:`MfaService.fresh_state`), and the store makes each change
+starts until the security settings move. Everything that changes a user's methods or checks
+a step-up reads the store uncached (:meth:`MfaService.fresh_state`), and the store makes each change
 conditional on the generation the caller's session was verified under.
 
 Every secret a user presents (a TOTP code, at verification or when confirming an enrollment; a
@@ -28,10 +28,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from sidecar.audit import AuditLog
 from sidecar.config import Config
+from sidecar.identity.base import role_is_privileged
 from sidecar.mfa import recovery, totp
-from sidecar.mfa.policy import MfaPolicy, Standing, is_required, running_clock, standing
+from sidecar.mfa.policy import MfaPolicy, Standing, grace_restarts, standing
 from sidecar.store.base import (
-    GraceEpochs,
     MfaState,
     PendingTotp,
     Store,
@@ -152,7 +152,7 @@ class MfaService:
         self._clock = clock
         self._monotonic = monotonic
         self._states: _Lru[str, tuple[float, MfaState]] = _Lru(MAX_CACHED_USERS)
-        self._grace: _Lru[tuple[str, bool, int], datetime] = _Lru(MAX_CACHED_USERS)
+        self._grace: _Lru[tuple[str, int], datetime] = _Lru(MAX_CACHED_USERS)
         self._touched: _Lru[str, float] = _Lru(MAX_CACHED_USERS)
         self._code_key = recovery.hashing_key(config.storage.encryption_key)
 
@@ -178,15 +178,13 @@ class MfaService:
     def forget(self, user_id: str) -> None:
         self._states.pop(user_id)
 
-    async def grace_started(
-        self, user_id: str, *, epochs: GraceEpochs, privileged: bool
-    ) -> datetime:
-        key = (user_id, privileged, epochs.of(privileged))
+    async def grace_started(self, user_id: str, *, settings_version: int) -> datetime:
+        """The user's grace start, cached until the settings move (a policy change may
+        have restarted it, on any replica)."""
+        key = (user_id, settings_version)
         start = self._grace.get(key)
         if start is None:
-            start = await self.store.users.grace_started(
-                user_id, epochs=epochs, privileged=privileged, now=self.now()
-            )
+            start = await self.store.users.grace_started(user_id, self.now())
             self._grace.put(key, start)
         return start
 
@@ -417,40 +415,39 @@ class MfaService:
         self,
         *,
         policy: MfaPolicy,
-        epochs: GraceEpochs,
         grace_period: float,
+        current: MfaPolicy | None = None,
     ) -> dict[str, Standing]:
-        """Every known user's standing under ``policy`` with ``epochs`` (the live ones, or
-        those a proposed change would produce): one query per table."""
-        roles = {r.casefold() for r in self.config.identity.admin_roles}
-        records = await self.store.users.grace_records()
+        """Every known user's standing under ``policy`` (the live one, or a proposed change
+        from ``current``: the users it newly requires or releases would start a clock when
+        next seen), by their last-seen role; one query per table."""
+        roles = self.config.identity.admin_roles
+        starts = await self.store.users.grace_starts()
         enrolled = await self.store.mfa.enrolled_users()
+        users = await self.store.users.all()
+        privileged = {u.user_id: role_is_privileged(u.role, roles) for u in users}
+        restarting = set(grace_restarts(current, policy, privileged.items()))
         now = self.now()
         period = timedelta(seconds=grace_period)
-        out: dict[str, Standing] = {}
-        for user in await self.store.users.all():
-            privileged = (user.role or "").casefold() in roles
-            out[user.user_id] = standing(
+        return {
+            user.user_id: standing(
                 policy=policy,
-                privileged=privileged,
+                privileged=privileged[user.user_id],
                 enrolled=user.user_id in enrolled,
-                grace_started=running_clock(
-                    records.get(user.user_id), epochs, privileged=privileged
-                )
-                if is_required(policy, privileged)
-                else None,
+                grace_started=None if user.user_id in restarting else starts.get(user.user_id),
                 grace_period=period,
                 now=now,
             )
-        return out
+            for user in users
+        }
 
     async def refresh_user_gauges(
-        self, *, policy: MfaPolicy, epochs: GraceEpochs, grace_period: float
+        self, *, policy: MfaPolicy, grace_period: float
     ) -> dict[str, int]:
         """``sidecar_mfa_users{state}``: enrolled, required-in-grace, required-and-overdue."""
         counts = {"enrolled": 0, "grace": 0, "overdue": 0}
         for user_standing in (
-            await self.standings(policy=policy, epochs=epochs, grace_period=grace_period)
+            await self.standings(policy=policy, grace_period=grace_period)
         ).values():
             if user_standing.value in counts:
                 counts[user_standing.value] += 1

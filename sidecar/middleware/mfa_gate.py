@@ -81,7 +81,7 @@ def mfa_gate_middleware(
             grace_started = None
             if needs_grace_start(policy=policy, privileged=privileged, enrolled=state.enrolled):
                 grace_started = await service.grace_started(
-                    identity.user_id, epochs=current.grace_epochs, privileged=privileged
+                    identity.user_id, settings_version=current.version
                 )
             await service.touch(identity.user_id, email=identity.email, role=identity.role)
         except StoreUnavailable as exc:

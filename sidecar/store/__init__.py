@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from sidecar.store.base import (
     AuditEntry,
-    GraceEpochs,
-    GraceRecord,
     LockoutStatus,
     MfaState,
     PasskeyRecord,
@@ -27,8 +25,6 @@ from sidecar.store.sql import SqlStore
 
 __all__ = [
     "AuditEntry",
-    "GraceEpochs",
-    "GraceRecord",
     "LockoutStatus",
     "MfaState",
     "PasskeyRecord",

@@ -24,7 +24,7 @@ Promises every implementation keeps:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -45,30 +45,6 @@ class UserRecord:
     first_seen: datetime
     last_seen: datetime
     mfa_generation: int  # bumped when methods are removed/reset: verified sessions end
-
-
-@dataclass(frozen=True, slots=True)
-class GraceEpochs:
-    """How many times a policy change has started or lifted the MFA requirement, for
-    privileged users (``admins``) and for everyone else (``members``).
-
-    A stored grace clock belongs to the epochs current when it started; it still runs when
-    the epoch of the user's group has not moved since (policy edits that leave the user
-    required never renew it), and starts anew once it has (the requirement was lifted and
-    re-imposed, or newly imposed).
-    """
-
-    admins: int
-    members: int
-
-    def of(self, privileged: bool) -> int:
-        return self.admins if privileged else self.members
-
-
-@dataclass(frozen=True, slots=True)
-class GraceRecord:
-    started_at: datetime
-    epochs: GraceEpochs
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +134,6 @@ class SecuritySettings:
     grace_period_seconds: float
     ip_allowlist: tuple[str, ...]
     ip_denylist: tuple[str, ...]
-    grace_epochs: GraceEpochs  # moved by policy changes that start or lift a requirement
     version: int  # incremented on every change (optimistic concurrency, replica polling)
     updated_by: str | None
     updated_at: datetime
@@ -200,15 +175,14 @@ class UserStore(Protocol):
     async def all(self) -> list[UserRecord]:
         """Every user ever seen, ordered by id."""
 
-    async def grace_started(
-        self, user_id: str, *, epochs: GraceEpochs, privileged: bool, now: datetime
-    ) -> datetime:
-        """When the user's current grace clock started: the stored start while the epoch of
-        the user's group (``epochs.of(privileged)``) has not moved since, else a new clock at
-        ``now``. Concurrent first calls on any replica agree on one start."""
+    async def grace_started(self, user_id: str, now: datetime) -> datetime:
+        """When the user's grace clock started; starts it at ``now`` the first time
+        (insert-if-absent: concurrent first calls on any replica agree on one start). A
+        clock is removed only by a policy change that starts or lifts the user's
+        requirement (``SettingsStore.save``), never by a role change or a new session."""
 
-    async def grace_records(self) -> dict[str, GraceRecord]:
-        """Every stored grace clock (user id -> record), for previews and gauges."""
+    async def grace_starts(self) -> dict[str, datetime]:
+        """Every running grace clock (user id -> start), for previews and gauges."""
 
     async def rekeyed(self) -> list[RekeyedUser]:
         """Users re-keyed by the migration to exact ids (``sidecar store check``)."""
@@ -371,10 +345,17 @@ class SettingsStore(Protocol):
         """The current version (0 when never written): cheap, for replicas polling."""
 
     async def save(
-        self, new: SecuritySettings, *, expected_version: int
+        self,
+        new: SecuritySettings,
+        *,
+        expected_version: int,
+        restart_grace: Sequence[str] = (),
     ) -> SecuritySettings | None:
         """Write ``new`` as version ``expected_version + 1`` if the stored version is still
-        ``expected_version`` (0 = never written); else None (someone else changed it)."""
+        ``expected_version`` (0 = never written); else None (someone else changed it). In
+        the same transaction, the grace clocks of ``restart_grace`` (the users the policy
+        change newly requires or releases) are removed: a new one starts when they are next
+        seen required."""
 
 
 class AuditStore(Protocol):

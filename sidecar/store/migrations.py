@@ -188,7 +188,7 @@ _USER_TABLES = (
 
 
 def _v2_exact_ids_and_grace_epochs(conn: Connection) -> None:
-    """Exact user ids; grace clocks per user with the epochs they started under.
+    """Exact user ids; one grace clock per user.
 
     Version 1 keyed every user's state by ``id.strip().casefold()``, so ``kate``, ``KATE`` and
     look-alikes (``\u212aate``) shared one MFA record. Each folded key is re-keyed to the exact
@@ -242,7 +242,8 @@ def _v2_exact_ids_and_grace_epochs(conn: Connection) -> None:
         )
     conn.execute(text("ALTER TABLE users DROP COLUMN display_id"))
 
-    # Grace: the clock of the epoch that was current becomes the user's one clock.
+    # Grace: the clock of the policy epoch that was current becomes the user's one clock
+    # (policy changes now remove the clocks of the users they newly require or release).
     row = conn.execute(text("SELECT policy_epoch FROM security_settings WHERE id = 1")).first()
     epoch = row[0] if row is not None else None
     grace_md = MetaData()
@@ -251,24 +252,18 @@ def _v2_exact_ids_and_grace_epochs(conn: Connection) -> None:
         grace_md,
         Column("user_key", String, primary_key=True),
         Column("started_at", UtcDateTime, nullable=False),
-        Column("admins_epoch", Integer, nullable=False),
-        Column("members_epoch", Integer, nullable=False),
     )
     grace_md.create_all(conn, checkfirst=False)
     if epoch is not None:
         conn.execute(
             text(
-                "INSERT INTO grace_v2 (user_key, started_at, admins_epoch, members_epoch) "
-                "SELECT user_key, started_at, 0, 0 FROM grace WHERE epoch = :epoch"
+                "INSERT INTO grace_v2 (user_key, started_at) "
+                "SELECT user_key, started_at FROM grace WHERE epoch = :epoch"
             ).bindparams(bindparam("epoch", epoch))
         )
     conn.execute(text("DROP TABLE grace"))
     conn.execute(text("ALTER TABLE grace_v2 RENAME TO grace"))
     conn.execute(text("ALTER TABLE security_settings DROP COLUMN policy_epoch"))
-    for column in ("admins_epoch", "members_epoch"):
-        conn.execute(
-            text(f"ALTER TABLE security_settings ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
-        )
 
     # Pending TOTP secrets are bound to the session that began them from now on.
     conn.execute(text("DROP TABLE pending_totp"))
@@ -302,7 +297,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _v1_initial),
     Migration(
         2,
-        "exact user ids, grace epochs, pending TOTP bound to a session",
+        "exact user ids, one grace clock per user, pending TOTP bound to a session",
         _v2_exact_ids_and_grace_epochs,
     ),
     Migration(3, "console sessions that verified, revoked by a reset", _v3_verified_bindings),

@@ -95,14 +95,13 @@ user_mfa = Table(
     Column("webauthn_handle", LargeBinary, unique=True),
 )
 
-# One grace clock per user, with the policy epochs it started under (see GraceEpochs).
+# One grace clock per user; a policy change that starts or lifts the user's requirement
+# removes it (in the same transaction as the change).
 grace = Table(
     "grace",
     metadata,
     Column("user_key", String, primary_key=True),
     Column("started_at", UtcDateTime, nullable=False),
-    Column("admins_epoch", Integer, nullable=False),
-    Column("members_epoch", Integer, nullable=False),
 )
 
 totp = Table(
@@ -186,8 +185,6 @@ security_settings = Table(
     Column("version", Integer, nullable=False),
     Column("updated_by", String),
     Column("updated_at", UtcDateTime, nullable=False),
-    Column("admins_epoch", Integer, nullable=False),
-    Column("members_epoch", Integer, nullable=False),
 )
 
 audit = Table(

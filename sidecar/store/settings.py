@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 
 from sidecar.store import schema
-from sidecar.store.base import GraceEpochs, SecuritySettings
+from sidecar.store.base import SecuritySettings
 from sidecar.store.db import Database
 from sidecar.store.methods import json_list, tuple_of_str
 
 _SETTINGS_ID = 1
+_CHUNK = 500  # ids per DELETE ... IN (...): well under every driver's parameter limit
 
 
 class SqlSettings:
@@ -34,7 +36,6 @@ class SqlSettings:
             grace_period_seconds=float(row["grace_period_seconds"]),
             ip_allowlist=tuple_of_str(row["ip_allowlist"]),
             ip_denylist=tuple_of_str(row["ip_denylist"]),
-            grace_epochs=GraceEpochs(row["admins_epoch"], row["members_epoch"]),
             version=row["version"],
             updated_by=row["updated_by"],
             updated_at=row["updated_at"],
@@ -49,7 +50,11 @@ class SqlSettings:
         return version or 0
 
     async def save(
-        self, new: SecuritySettings, *, expected_version: int
+        self,
+        new: SecuritySettings,
+        *,
+        expected_version: int,
+        restart_grace: Sequence[str] = (),
     ) -> SecuritySettings | None:
         table = schema.security_settings
         version = expected_version + 1
@@ -58,8 +63,6 @@ class SqlSettings:
             "grace_period_seconds": new.grace_period_seconds,
             "ip_allowlist": json_list(new.ip_allowlist),
             "ip_denylist": json_list(new.ip_denylist),
-            "admins_epoch": new.grace_epochs.admins,
-            "members_epoch": new.grace_epochs.members,
             "version": version,
             "updated_by": new.updated_by,
             "updated_at": new.updated_at,
@@ -76,8 +79,12 @@ class SqlSettings:
                 .where(table.c.id == _SETTINGS_ID, table.c.version == expected_version)
                 .values(**values)
             )
+        grace = schema.grace
         async with self._db.transaction(write=True) as conn:
-            written = (await conn.execute(stmt)).rowcount
-        if written != 1:
-            return None
+            if (await conn.execute(stmt)).rowcount != 1:
+                return None
+            users = list(dict.fromkeys(restart_grace))
+            for start in range(0, len(users), _CHUNK):
+                chunk = users[start : start + _CHUNK]
+                await conn.execute(delete(grace).where(grace.c.user_key.in_(chunk)))
         return dataclasses.replace(new, version=version)

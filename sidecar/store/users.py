@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import RowMapping, Select, case, func, select, update
+from sqlalchemy import RowMapping, Select, case, func, select
 
 from sidecar.store import schema
-from sidecar.store.base import GraceEpochs, GraceRecord, RekeyedUser, UserRecord
+from sidecar.store.base import RekeyedUser, UserRecord
 from sidecar.store.db import Database
 
 
@@ -49,53 +49,29 @@ class SqlUsers:
             rows = await conn.execute(_users_query().order_by(schema.users.c.user_key))
             return [_user(row) for row in rows.mappings()]
 
-    async def grace_started(
-        self, user_id: str, *, epochs: GraceEpochs, privileged: bool, now: datetime
-    ) -> datetime:
+    async def grace_started(self, user_id: str, now: datetime) -> datetime:
         grace = schema.grace
-        group = grace.c.admins_epoch if privileged else grace.c.members_epoch
-        current = epochs.of(privileged)
-        query = select(grace.c.started_at, group).where(grace.c.user_key == user_id)
+        query = select(grace.c.started_at).where(grace.c.user_key == user_id)
         async with self._db.transaction(write=False) as conn:
-            row = (await conn.execute(query)).one_or_none()
-        # A clock from an older epoch of the user's group was lifted or newly imposed since;
-        # a clock from a newer one was written by a replica that saw a newer policy first.
-        if row is not None and row[1] >= current:
-            started: datetime = row[0]
+            started: datetime | None = (await conn.execute(query)).scalar_one_or_none()
+        if started is not None:
             return started
-        values = {
-            "started_at": now,
-            "admins_epoch": epochs.admins,
-            "members_epoch": epochs.members,
-        }
+        insert = (
+            self._db.insert(grace)
+            .values(user_key=user_id, started_at=now)
+            .on_conflict_do_nothing(index_elements=[grace.c.user_key])
+        )
         async with self._db.transaction(write=True) as conn:
-            if row is None:
-                await conn.execute(
-                    self._db.insert(grace)
-                    .values(user_key=user_id, **values)
-                    .on_conflict_do_nothing(index_elements=[grace.c.user_key])
-                )
-            else:
-                # Only over the clock read above: a concurrent restart wins once.
-                await conn.execute(
-                    update(grace)
-                    .where(grace.c.user_key == user_id, group < current)
-                    .values(**values)
-                )
-            # Whoever won, everyone reads the one start now stored.
-            started = (await conn.execute(query)).one()[0]
-        return started
+            await conn.execute(insert)
+            # A concurrent first call may have won the insert: everyone reads the winner's.
+            won: datetime = (await conn.execute(query)).scalar_one()
+        return won
 
-    async def grace_records(self) -> dict[str, GraceRecord]:
+    async def grace_starts(self) -> dict[str, datetime]:
         grace = schema.grace
         async with self._db.transaction(write=False) as conn:
-            rows = await conn.execute(select(grace))
-            return {
-                row.user_key: GraceRecord(
-                    row.started_at, GraceEpochs(row.admins_epoch, row.members_epoch)
-                )
-                for row in rows
-            }
+            rows = await conn.execute(select(grace.c.user_key, grace.c.started_at))
+            return {row.user_key: row.started_at for row in rows}
 
     async def rekeyed(self) -> list[RekeyedUser]:
         table = schema.rekeyed_users

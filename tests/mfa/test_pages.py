@@ -779,7 +779,8 @@ async def test_browser_authenticator_app_enrollment_shows_recovery_codes(
 
     await page.get_by_label("6-digit code from the app").fill("000000")
     await page.get_by_role("button", name="Verify and turn on").click()
-    await page.wait_for_function("document.getElementById('mfa-status').dataset.kind === 'error'")
+    # A locator wait, not wait_for_function: the page's CSP forbids the eval that needs.
+    await page.locator("#mfa-status[data-kind='error']").wait_for()
     assert "didn't work" in await browser.status()
     assert await page.get_by_label("6-digit code from the app").get_attribute("aria-invalid")
 
@@ -894,7 +895,8 @@ async def test_browser_verify_lockout_disables_the_forms(open_browser: OpenBrows
     code_input = page.get_by_label("6-digit code from your authenticator app")
     await code_input.fill("123456")
     await code_input.press("Enter")
-    await page.wait_for_function("document.getElementById('mfa-status').dataset.kind === 'error'")
+    # A locator wait, not wait_for_function: the page's CSP forbids the eval that needs.
+    await page.locator("#mfa-status[data-kind='error']").wait_for()
     assert "didn't work" in await browser.status()
 
     await code_input.fill("654321")

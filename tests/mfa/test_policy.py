@@ -2,8 +2,8 @@
 
 First one table over every policy, role, enrollment, session and grace state, then the grace
 rules as short stories told through :func:`decide` and a fake of the grace store (one clock per
-user with the epochs it started under, restarted when the epoch of the user's group has moved:
-the contract ``UserStore.grace_started`` keeps). Policy changes go through
+user, removed by the policy changes that newly require or release the user: the contract
+``UserStore.grace_started`` and ``SettingsStore.save`` keep). Policy changes go through
 :func:`sidecar.settings.next_settings`, so the epochs are the ones the sidecar would really use.
 """
 
@@ -21,14 +21,13 @@ from sidecar.mfa.policy import (
     MfaVerdict,
     Standing,
     decide,
+    grace_restarts,
     is_required,
     needs_grace_start,
-    next_grace_epochs,
-    running_clock,
     standing,
 )
 from sidecar.settings import next_settings
-from sidecar.store.base import GraceEpochs, GraceRecord, SecuritySettings
+from sidecar.store.base import SecuritySettings
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 PERIOD = timedelta(hours=72)
@@ -165,51 +164,33 @@ def test_is_required(policy: MfaPolicy, privileged: bool, required: bool) -> Non
     assert is_required(policy, privileged) is required
 
 
-# (old, new) -> which group's epoch moves: a change that starts or lifts the group's requirement.
-EPOCH_MOVES = [
-    (MfaPolicy.OPTIONAL, MfaPolicy.OPTIONAL, (0, 0)),
-    (MfaPolicy.OPTIONAL, MfaPolicy.ADMINS, (1, 0)),
-    (MfaPolicy.OPTIONAL, MfaPolicy.ALL, (1, 1)),
-    (MfaPolicy.ADMINS, MfaPolicy.OPTIONAL, (1, 0)),
-    (MfaPolicy.ADMINS, MfaPolicy.ADMINS, (0, 0)),
-    (MfaPolicy.ADMINS, MfaPolicy.ALL, (0, 1)),
-    (MfaPolicy.ALL, MfaPolicy.OPTIONAL, (1, 1)),
-    (MfaPolicy.ALL, MfaPolicy.ADMINS, (0, 1)),
-    (MfaPolicy.ALL, MfaPolicy.ALL, (0, 0)),
+# (old, new) -> whose clocks restart: admins, members (a change that starts or lifts it).
+RESTARTS = [
+    (MfaPolicy.OPTIONAL, MfaPolicy.OPTIONAL, set()),
+    (MfaPolicy.OPTIONAL, MfaPolicy.ADMINS, {"admin"}),
+    (MfaPolicy.OPTIONAL, MfaPolicy.ALL, {"admin", "member"}),
+    (MfaPolicy.ADMINS, MfaPolicy.OPTIONAL, {"admin"}),
+    (MfaPolicy.ADMINS, MfaPolicy.ADMINS, set()),
+    (MfaPolicy.ADMINS, MfaPolicy.ALL, {"member"}),
+    (MfaPolicy.ALL, MfaPolicy.OPTIONAL, {"admin", "member"}),
+    (MfaPolicy.ALL, MfaPolicy.ADMINS, {"member"}),
+    (MfaPolicy.ALL, MfaPolicy.ALL, set()),
 ]
 
 
 @pytest.mark.parametrize(
-    ("old", "new", "moves"),
+    ("old", "new", "restarted"),
     [
-        pytest.param(*row, id=f"{row[0]} -> {row[1]}: admins+{row[2][0]} members+{row[2][1]}")
-        for row in EPOCH_MOVES
+        pytest.param(*row, id=f"{row[0]} -> {row[1]}: {sorted(row[2]) or 'nobody'}")
+        for row in RESTARTS
     ],
 )
-def test_grace_epochs_move_when_a_group_is_newly_required_or_released(
-    old: MfaPolicy, new: MfaPolicy, moves: tuple[int, int]
+def test_a_policy_change_restarts_the_clocks_of_those_it_requires_or_releases(
+    old: MfaPolicy, new: MfaPolicy, restarted: set[str]
 ) -> None:
-    assert next_grace_epochs(old, new, GraceEpochs(4, 7)) == GraceEpochs(4 + moves[0], 7 + moves[1])
-
-
-@pytest.mark.parametrize(
-    ("stored", "privileged", "runs"),
-    [
-        pytest.param(GraceEpochs(2, 5), True, True, id="admin, same epochs: runs"),
-        pytest.param(GraceEpochs(2, 4), True, True, id="admin, members moved: runs"),
-        pytest.param(GraceEpochs(1, 5), True, False, id="admin, admins moved: restarts"),
-        pytest.param(GraceEpochs(1, 5), False, True, id="member, admins moved: runs"),
-        pytest.param(GraceEpochs(2, 4), False, False, id="member, members moved: restarts"),
-        pytest.param(GraceEpochs(3, 6), False, True, id="written by a newer replica: runs"),
-    ],
-)
-def test_a_clock_runs_while_its_groups_epoch_stands(
-    stored: GraceEpochs, privileged: bool, runs: bool
-) -> None:
-    record = GraceRecord(NOW, stored)
-    expected = NOW if runs else None
-    assert running_clock(record, GraceEpochs(2, 5), privileged=privileged) == expected
-    assert running_clock(None, GraceEpochs(2, 5), privileged=privileged) is None
+    users = [("admin", True), ("member", False)]
+    assert set(grace_restarts(old, new, users)) == restarted
+    assert grace_restarts(None, new, users) == []  # the first settings: nothing to restart
 
 
 @pytest.mark.parametrize(
@@ -305,27 +286,23 @@ def test_needs_grace_start_is_exactly_when_decide_needs_it(
 
 @dataclass
 class FakeGraceStore:
-    """The store's grace contract: one clock per user, kept while the epoch of the user's
-    group has not moved since it started, else started anew."""
+    """The store's grace contract: one clock per user, started the first time it is asked
+    for; a policy change removes the clocks of the users it newly requires or releases."""
 
-    starts: dict[str, GraceRecord] = field(default_factory=dict)
+    starts: dict[str, datetime] = field(default_factory=dict)
 
-    def start_for(
-        self, user: str, epochs: GraceEpochs, *, privileged: bool, now: datetime
-    ) -> datetime:
-        started = running_clock(self.starts.get(user), epochs, privileged=privileged)
-        if started is None:
-            self.starts[user] = GraceRecord(now, epochs)
-            started = now
-        return started
+    def start_for(self, user: str, now: datetime) -> datetime:
+        return self.starts.setdefault(user, now)
 
 
 @dataclass
 class Org:
-    """The live settings and the grace store, judged as the MFA gate does for each request."""
+    """The live settings and the grace store, judged as the MFA gate does for each request;
+    users' roles as last seen (what a policy change judges them by)."""
 
     settings: SecuritySettings
     store: FakeGraceStore = field(default_factory=FakeGraceStore)
+    roles: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def with_policy(cls, policy: str, *, grace: timedelta = PERIOD) -> Org:
@@ -338,6 +315,12 @@ class Org:
             policy or current.mfa_policy,
             grace if grace is not None else timedelta(seconds=current.grace_period_seconds),
         )
+        users = [(user, role == "admin") for user, role in self.roles.items()]
+        restarts = grace_restarts(
+            MfaPolicy(current.mfa_policy), MfaPolicy(self.settings.mfa_policy), users
+        )
+        for user in restarts:
+            self.store.starts.pop(user, None)
 
     def request(
         self,
@@ -348,13 +331,12 @@ class Org:
         enrolled: bool = False,
         verified: bool = False,
     ) -> MfaVerdict:
+        self.roles[user] = role
         policy = MfaPolicy(self.settings.mfa_policy)
         privileged = role == "admin"
         started = None
         if needs_grace_start(policy=policy, privileged=privileged, enrolled=enrolled):
-            started = self.store.start_for(
-                user, self.settings.grace_epochs, privileged=privileged, now=at
-            )
+            started = self.store.start_for(user, at)
         return decide(
             policy=policy,
             privileged=privileged,
@@ -412,10 +394,8 @@ def test_each_user_has_their_own_clock() -> None:
 
 def test_shortening_the_grace_period_applies_at_once() -> None:
     org = Org.with_policy("all")
-    epochs = org.settings.grace_epochs
     assert org.request("u-carol", role="member", at=T0).decision is GRACE
-    org.change(grace=timedelta(hours=24))
-    assert org.settings.grace_epochs == epochs  # no requirement changed: same clocks
+    org.change(grace=timedelta(hours=24))  # no requirement changed: same clocks
     verdict = org.request("u-carol", role="member", at=T0 + 30 * HOUR)
     assert verdict == MfaVerdict(SETUP, T0 + 24 * HOUR)
 
@@ -496,10 +476,24 @@ def test_a_requirement_lifted_and_reimposed_starts_a_new_clock() -> None:
 def test_a_demoted_admin_newly_required_as_a_member_gets_a_new_clock() -> None:
     org = Org.with_policy("admins")
     org.request("u-bob", role="admin", at=T0)
-    # Demoted, then the policy newly requires members: the change required him anew.
+    # Demoted (and seen so: not required), then the policy newly requires members: the
+    # change required him anew.
+    assert org.request("u-bob", role="member", at=T0 + HOUR).decision is ALLOWED
     org.change(policy="all")
     t1 = T0 + 10 * PERIOD
     assert org.request("u-bob", role="member", at=t1) == MfaVerdict(GRACE, t1 + PERIOD)
+
+
+def test_an_overdue_admin_demoted_after_all_is_rolled_out_stays_overdue() -> None:
+    org = Org.with_policy("admins")
+    org.request("u-alice", role="admin", at=T0)
+    late = T0 + PERIOD + HOUR
+    assert org.request("u-alice", role="admin", at=late).decision is SETUP
+    org.change(policy="all")  # alice, an admin, was required before and after
+    assert org.request("u-alice", role="admin", at=late).decision is SETUP
+    # Her role flaps: she was required all along; her deadline does not move.
+    assert org.request("u-alice", role="member", at=late) == MfaVerdict(SETUP, T0 + PERIOD)
+    assert org.request("u-alice", role="admin", at=late) == MfaVerdict(SETUP, T0 + PERIOD)
 
 
 def test_loosening_does_not_start_new_clocks() -> None:

@@ -350,7 +350,9 @@ async def test_refused_admin_actions_are_audited_and_rate_limited(make_org: OrgF
 # --- part two, 1. a reset cannot be outrun ----------------------------------------------
 
 
-async def add_factor(intruder: Browser, authn: SoftAuthenticator, token: str, delay: float) -> int:
+async def add_factor(
+    intruder: Browser, authn: SoftAuthenticator, token: str, delay: float, added: asyncio.Event
+) -> int:
     """One more passkey through begin and finish, after ``delay``; the final status."""
     await asyncio.sleep(delay)
     begun = await intruder.call("/mfa/api/passkey/begin", csrf=token)
@@ -361,10 +363,15 @@ async def add_factor(intruder: Browser, authn: SoftAuthenticator, token: str, de
         {"credential": authn.create(await begun.json()), "name": "spare"},
         csrf=token,
     )
+    if finish.status == 200:
+        added.set()
     return finish.status
 
 
-async def reset_after(service: MfaService, delay: float) -> int:
+async def reset_after(service: MfaService, added: asyncio.Event, delay: float) -> int:
+    """Reset once the intruder has added a factor (so the race is really run), a little
+    later each round (so it lands at different points of the stream)."""
+    await asyncio.wait_for(added.wait(), 30)
     await asyncio.sleep(delay)
     await service.reset("u-carol", Actor("u-admin", None))
     return 0
@@ -386,9 +393,10 @@ async def test_a_reset_racing_enrollments_on_another_replica_leaves_nothing_behi
         assert first.status == 200, await first.text()
         token = (await intruder.status())["csrf_token"]
         # A steady stream of enrollments on replica 0, a reset on replica 1 in its middle.
+        added = asyncio.Event()
         results = await asyncio.gather(
-            *(add_factor(intruder, authn, token, 0.015 * i) for i in range(16)),
-            reset_after(org.servers[1].app[MFA], 0.05 + 0.02 * round_),
+            *(add_factor(intruder, authn, token, 0.015 * i, added) for i in range(16)),
+            reset_after(org.servers[1].app[MFA], added, 0.01 * round_),
         )
         statuses = list(results[:-1])
         # 400: a ceremony overtaken by a concurrent begin in the same session, or discarded

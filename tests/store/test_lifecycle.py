@@ -13,7 +13,6 @@ from cryptography.fernet import Fernet
 from sqlalchemy import Connection, inspect, select, text
 
 from sidecar.store import (
-    GraceEpochs,
     LockoutStatus,
     PasskeyRecord,
     Reservation,
@@ -177,7 +176,7 @@ PASSKEY = PasskeyRecord(
     created_at=T0,
     last_used_at=None,
 )
-SETTINGS = SecuritySettings("all", 1.0, (), (), GraceEpochs(0, 0), 0, None, T0)
+SETTINGS = SecuritySettings("all", 1.0, (), (), 0, None, T0)
 AUDIT = {
     "time": T0,
     "actor": None,
@@ -187,14 +186,13 @@ AUDIT = {
     "outcome": "success",
     "details": "{}",
 }
-E = GraceEpochs(0, 0)
 CALLS: dict[str, Callable[[Store], Awaitable[object]]] = {
     "migrate": lambda s: s.migrate(),
     "ping": lambda s: s.ping(),
     "users.touch": lambda s: s.users.touch("a", email=None, role=None, now=T0),
     "users.all": lambda s: s.users.all(),
-    "users.grace_started": lambda s: s.users.grace_started("a", epochs=E, privileged=True, now=T0),
-    "users.grace_records": lambda s: s.users.grace_records(),
+    "users.grace_started": lambda s: s.users.grace_started("a", T0),
+    "users.grace_starts": lambda s: s.users.grace_starts(),
     "users.rekeyed": lambda s: s.users.rekeyed(),
     "mfa.state": lambda s: s.mfa.state("a"),
     "mfa.enrolled_users": lambda s: s.mfa.enrolled_users(),

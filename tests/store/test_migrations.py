@@ -12,7 +12,7 @@ from cryptography.fernet import Fernet
 from sqlalchemy import text
 
 from sidecar.cli import EXIT_OK, main
-from sidecar.store import GraceEpochs, GraceRecord, SqlStore
+from sidecar.store import SqlStore
 from sidecar.store import schema as tables
 from sidecar.store.migrations import MIGRATIONS
 from tests.store.support import StoreTarget
@@ -101,13 +101,10 @@ async def test_state_moves_to_the_exact_id_and_the_rekey_is_reported(
         assert "'kate'" in caplog.text
         assert "'KATE'" in caplog.text
         # The clock of the epoch that was current (2) became each user's one clock.
-        assert await store.users.grace_records() == {
-            "KATE": GraceRecord(T0, GraceEpochs(0, 0)),
-            "bob": GraceRecord(T0, GraceEpochs(0, 0)),
-        }
+        assert await store.users.grace_starts() == {"KATE": T0, "bob": T0}
         settings = await store.settings.current()
         assert settings is not None
-        assert (settings.version, settings.grace_epochs) == (4, GraceEpochs(0, 0))
+        assert (settings.version, settings.mfa_policy) == (4, "admins")
         assert await store.lockout.status(["user:kate"], T0) == (await store.lockout.status([], T0))
     finally:
         await store.close()

@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 from datetime import UTC, datetime, timedelta
 
-from sidecar.store import GraceEpochs, SecuritySettings, SqlStore
+from sidecar.store import SecuritySettings, SqlStore
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -15,7 +15,6 @@ SEED = SecuritySettings(
     grace_period_seconds=72 * 3600.0,
     ip_allowlist=("10.0.0.0/8", "2001:db8::/32"),
     ip_denylist=(),
-    grace_epochs=GraceEpochs(0, 0),
     version=0,
     updated_by=None,
     updated_at=T0,
@@ -39,7 +38,6 @@ async def test_save_round_trips_and_bumps_the_version(store: SqlStore) -> None:
         grace_period_seconds=1.5,
         ip_allowlist=(),
         ip_denylist=("203.0.113.0/24",),
-        grace_epochs=GraceEpochs(1, 3),
         updated_by="alice",
         updated_at=T0 + timedelta(hours=1),
     )
@@ -85,3 +83,37 @@ async def test_concurrent_seeding_one_wins(store: SqlStore, replica: SqlStore) -
     )
     assert sum(r is not None for r in results) == 1
     assert await store.settings.version() == 1
+
+
+async def test_a_policy_change_removes_the_clocks_it_names_in_the_same_transaction(
+    store: SqlStore,
+) -> None:
+    await store.settings.save(SEED, expected_version=0)
+    for user in ("alice", "bob", "carol"):
+        await store.users.grace_started(user, T0)
+    stale = await store.settings.save(
+        dataclasses.replace(SEED, mfa_policy="all"), expected_version=0, restart_grace=["alice"]
+    )
+    assert stale is None
+    assert set(await store.users.grace_starts()) == {"alice", "bob", "carol"}  # nothing done
+    saved = await store.settings.save(
+        dataclasses.replace(SEED, mfa_policy="all"),
+        expected_version=1,
+        restart_grace=["alice", "carol", "nobody"],
+    )
+    assert saved is not None
+    assert set(await store.users.grace_starts()) == {"bob"}
+    later = T0 + timedelta(days=1)
+    assert await store.users.grace_started("alice", later) == later
+
+
+async def test_thousands_of_clocks_restart_at_once(store: SqlStore) -> None:
+    await store.settings.save(SEED, expected_version=0)
+    users = [f"u{i}" for i in range(2500)]
+    for user in users[:50]:
+        await store.users.grace_started(user, T0)
+    saved = await store.settings.save(
+        dataclasses.replace(SEED, mfa_policy="all"), expected_version=1, restart_grace=users
+    )
+    assert saved is not None
+    assert await store.users.grace_starts() == {}

@@ -7,11 +7,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from sidecar.store import GraceEpochs, GraceRecord, PasskeyRecord, SqlStore
+from sidecar.store import PasskeyRecord, SqlStore
 from tests.store.support import add_passkey
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
-E0 = GraceEpochs(0, 0)
 
 
 def passkey(user_id: str, credential_id: bytes) -> PasskeyRecord:
@@ -85,52 +84,32 @@ async def test_list_users_sorted_by_id(store: SqlStore) -> None:
     assert [u.user_id for u in await store.users.all()] == ["alice", "bob", "carol"]
 
 
-async def started(
-    store: SqlStore, user: str, at: datetime, epochs: GraceEpochs = E0, privileged: bool = True
-) -> datetime:
-    return await store.users.grace_started(user, epochs=epochs, privileged=privileged, now=at)
-
-
-async def test_a_grace_clock_is_fixed_until_its_groups_epoch_moves(store: SqlStore) -> None:
-    assert await started(store, "alice", T0) == T0
+async def test_a_grace_clock_starts_once_and_never_moves(store: SqlStore) -> None:
+    assert await store.users.grace_started("alice", T0) == T0
     # Re-login, new sessions, other replicas: the clock never restarts.
-    assert await started(store, "alice", T0 + timedelta(days=3)) == T0
-    # The members' epoch moving is none of an admin's business.
-    assert await started(store, "alice", T0 + timedelta(days=4), GraceEpochs(0, 3)) == T0
-    # The admins' epoch moved (lifted and re-imposed): a new clock.
-    assert await started(store, "alice", T0 + timedelta(days=5), GraceEpochs(1, 3)) == (
-        T0 + timedelta(days=5)
-    )
-    # A replica still on the old epochs does not undo it.
-    assert await started(store, "alice", T0 + timedelta(days=6), E0) == T0 + timedelta(days=5)
-    assert await store.users.grace_records() == {
-        "alice": GraceRecord(T0 + timedelta(days=5), GraceEpochs(1, 3))
-    }
+    assert await store.users.grace_started("alice", T0 + timedelta(days=3)) == T0
+    await store.users.grace_started("bob", T0 + timedelta(days=2))
+    assert await store.users.grace_starts() == {"alice": T0, "bob": T0 + timedelta(days=2)}
 
 
 async def test_grace_clocks_are_per_exact_user(store: SqlStore) -> None:
-    await started(store, "alice", T0)
-    assert await started(store, "ALICE", T0 + timedelta(days=2)) == T0 + timedelta(days=2)
+    await store.users.grace_started("alice", T0)
+    assert await store.users.grace_started("ALICE", T0 + timedelta(days=2)) == T0 + timedelta(
+        days=2
+    )
 
 
-@pytest.mark.parametrize("restart", [False, True], ids=["first", "restart"])
-async def test_concurrent_grace_calls_agree_on_one_start(
-    store: SqlStore, replica: SqlStore, restart: bool
+async def test_concurrent_first_grace_calls_agree_on_one_start(
+    store: SqlStore, replica: SqlStore
 ) -> None:
-    epochs = E0
-    if restart:
-        await started(store, "dave", T0 - timedelta(days=30))
-        epochs = GraceEpochs(0, 1)
     starts = await asyncio.gather(
         *(
-            (store if i % 2 else replica).users.grace_started(
-                "dave", epochs=epochs, privileged=False, now=T0 + timedelta(seconds=i)
-            )
+            (store if i % 2 else replica).users.grace_started("dave", T0 + timedelta(seconds=i))
             for i in range(16)
         )
     )
     assert len(set(starts)) == 1
-    assert (await store.users.grace_records())["dave"].started_at == starts[0]
+    assert (await store.users.grace_starts())["dave"] == starts[0]
 
 
 async def test_mfa_state_counts_methods(store: SqlStore) -> None:
