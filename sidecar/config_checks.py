@@ -105,32 +105,32 @@ def insecure_settings(config: Config) -> list[Finding]:
     without a word).
     """
     acknowledged = set(config.acknowledge_insecure)
-    refusals: list[Finding] = []
-    warnings: list[Finding] = []
+    refused: list[Finding] = []
+    warned: list[Finding] = []
     needed: set[str] = set()
     for finding in _findings(config):
         name = finding.acknowledgement
         if finding.severity is Severity.WARN:
-            warnings.append(finding)
+            warned.append(finding)
         elif name is None:
-            refusals.append(finding)
+            refused.append(finding)
         elif name in acknowledged:
             needed.add(name)
             message = f"{finding.message} (accepted by acknowledge_insecure: {name})"
-            warnings.append(Finding(Severity.WARN, finding.path, message, name))
+            warned.append(Finding(Severity.WARN, finding.path, message, name))
         else:
             message = f"{finding.message}; to accept this, add {name} to acknowledge_insecure"
-            refusals.append(Finding(Severity.REFUSE, finding.path, message, name))
+            refused.append(Finding(Severity.REFUSE, finding.path, message, name))
     for index, name in enumerate(config.acknowledge_insecure):
         if name not in needed:
-            warnings.append(
+            warned.append(
                 _warn(
                     f"acknowledge_insecure[{index}]",
                     f"{name!r} accepts nothing in this file: remove it, or a later setting of "
                     "that kind is accepted without being refused",
                 )
             )
-    return refusals + warnings
+    return refused + warned
 
 
 def refusals(config: Config) -> list[str]:
