@@ -17,6 +17,7 @@ from cryptography.fernet import Fernet
 
 from sidecar import __version__
 from sidecar.config import Config, ConfigError, load_config
+from sidecar.config_checks import config_warnings
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -34,12 +35,13 @@ def _load(path: str) -> Config | None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from sidecar.logs import configure_logging  # deferred: keeps `--help` fast
+    from sidecar.logs import configure_logging, log_config_warnings  # deferred: fast `--help`
 
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
     configure_logging(config.logging.level, config.logging.format)
+    log_config_warnings(config_warnings(config), trigger="start")
     path = Path(args.config).resolve()
     if config.workers > 1:
         from sidecar.workers import prepare_metrics_dir, run_workers
@@ -61,6 +63,9 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args.file)
     if config is None:
         return EXIT_CONFIG
+    # Accepted, but weaker than it looks: on stderr, so that stdout stays the one-line verdict.
+    for line in config_warnings(config):
+        print(f"warning: {line}", file=sys.stderr)
     print(
         f"{args.file}: ok (upstream {config.upstream.url}, "
         f"{len(config.security.ip_allowlist)} allowlist and "

@@ -32,6 +32,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from sidecar.config_checks import ACKNOWLEDGEMENTS, refusals
 from sidecar.http_fields import credential_header_problem
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -181,6 +182,13 @@ def parse_credential_header(value: object) -> str:
     return value
 
 
+def parse_acknowledgement(value: object) -> str:
+    """A name from ``sidecar.config_checks.ACKNOWLEDGEMENTS``, exactly as listed there."""
+    if not isinstance(value, str) or value not in ACKNOWLEDGEMENTS:
+        raise _bad(f"is not an acknowledgement (one of: {', '.join(ACKNOWLEDGEMENTS)})")
+    return value
+
+
 # RFC 6265 §4.1.1: a cookie name is an HTTP token.
 _COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
@@ -200,6 +208,7 @@ Cidr = Annotated[IpNetwork, BeforeValidator(parse_cidr)]
 FernetKey = Annotated[str, BeforeValidator(parse_fernet_key)]
 CredentialHeader = Annotated[str, BeforeValidator(parse_credential_header)]
 CookieName = Annotated[str, BeforeValidator(parse_cookie_name)]
+Acknowledgement = Annotated[str, BeforeValidator(parse_acknowledgement)]
 Port = Annotated[int, Field(ge=0, le=65535)]
 
 
@@ -497,6 +506,17 @@ class Config(_Section):
     storage: Storage
     audit: Audit = Audit()
     logging: Logging = Logging()
+    # Settings that switch a protection off are refused unless named here, one name per kind
+    # (sidecar.config_checks); each accepted one is still reported at every start and reload.
+    acknowledge_insecure: list[Acknowledgement] = []
+
+    @field_validator("acknowledge_insecure")
+    @classmethod
+    def _listed_once(cls, values: list[str]) -> list[str]:
+        for index, name in enumerate(values):
+            if name in values[:index]:
+                raise _conflict(f"{name!r} is listed twice")
+        return values
 
     @model_validator(mode="after")
     def _proxy_cookie_is_not_ours(self) -> Config:
@@ -662,7 +682,11 @@ def _secret_hint(path: str) -> str:
 
 
 def parse_config(data: object, env: Mapping[str, str] | None = None) -> Config:
-    """Validate an already-parsed YAML document; raises ConfigError listing every problem."""
+    """Validate an already-parsed YAML document; raises ConfigError listing every problem.
+
+    A valid document is also refused when a setting switches a protection off and
+    ``acknowledge_insecure`` does not accept it (``sidecar.config_checks.refusals``).
+    """
     env = os.environ if env is None else env
     if data is None:
         data = {}
@@ -691,6 +715,9 @@ def parse_config(data: object, env: Mapping[str, str] | None = None) -> Config:
         raise ConfigError(problems) from None
     if problems:
         raise ConfigError(problems)
+    refused = refusals(config)
+    if refused:
+        raise ConfigError(refused)
     return config
 
 

@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any
 
 FIELDS = "fields"
@@ -32,6 +33,15 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return f"{type(exc).__name__}: {exc.strerror}"
     return type(exc).__name__
+
+
+def log_config_warnings(warnings: Iterable[str], *, trigger: str) -> None:
+    """Each config warning (a ``path: message`` line, ``sidecar.config_checks``) as one
+    warning record of logger ``sidecar.config``: at start-up and after every reload, so an
+    accepted insecure setting is never out of sight."""
+    log = logging.getLogger("sidecar.config")
+    for line in warnings:
+        log.warning("config warning: %s", line, extra=fields(trigger=trigger))
 
 
 class JsonFormatter(logging.Formatter):

@@ -1,7 +1,9 @@
 """Hot reload: SIGHUP or a changed config file re-reads the YAML.
 
 A valid file is swapped in (``sidecar.app.apply_config``); settings that need a restart are
-named in the log. An invalid file changes nothing: the running config stays, the problems
+named in the log, and so is every config warning (``sidecar.config_checks``: accepted
+insecure settings included), also in the audit record. A file with a refused insecure setting
+is invalid like any other. An invalid file changes nothing: the running config stays, the problems
 are logged with their YAML paths, and ``sidecar_config_reloads_total{result="failure"}``
 counts it. Every attempt is audited (``config.reload``).
 """
@@ -18,7 +20,8 @@ from aiohttp import web
 
 from sidecar.app import AUDIT, METRICS, apply_config
 from sidecar.config import ConfigError, load_config
-from sidecar.logs import fields
+from sidecar.config_checks import config_warnings
+from sidecar.logs import fields, log_config_warnings
 from sidecar.store.base import StoreUnavailable
 
 log = logging.getLogger("sidecar.reload")
@@ -89,12 +92,15 @@ class Reloader:
                 )
             else:
                 log.info("config reloaded", extra=fields(trigger=trigger))
+            warnings = config_warnings(config)
+            log_config_warnings(warnings, trigger=trigger)
             await audit.record(
                 "config.reload",
                 actor="operator",
                 client_ip=None,
                 trigger=trigger,
                 restart_needed=restart,
+                warnings=warnings,
                 pid=os.getpid(),  # with workers: N, each worker reloads and records it
             )
             return True

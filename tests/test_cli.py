@@ -6,6 +6,7 @@ cover the entry point and prove no traceback ever reaches the terminal.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from sidecar.cli import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, main
+from tests.process import run_sidecar
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
 
@@ -78,7 +80,9 @@ def test_check_config_accepts_the_example(
         f"{EXAMPLE}: ok (upstream http://127.0.0.1:3000, 0 allowlist and 0 denylist rules, "
         "MFA policy optional)\n"
     )
-    assert err == ""
+    # The defaults listen on every interface without a trusted proxy: worth one warning.
+    assert err.startswith("warning: network.trusted_proxies: [] while listen.host '0.0.0.0' ")
+    assert len(err.splitlines()) == 1
 
 
 def test_check_config_lists_every_problem_on_stderr(
@@ -123,6 +127,96 @@ def test_check_config_as_a_real_process_accepts_the_example() -> None:
     result = sidecar("check-config", str(EXAMPLE), env=_secrets())
     assert result.returncode == EXIT_OK, result.stderr
     assert result.stdout.startswith(f"{EXAMPLE}: ok ")
+
+
+INSECURE_CONFIG = """\
+listen: {host: 127.0.0.1}
+network: {trusted_proxies: ['::/0', 10.0.0.0/8]}
+mfa: {exempt_paths: [/logout, /], verify_every: 30d}
+"""
+
+
+def test_check_config_as_a_real_process_refuses_a_setting_that_disables_a_protection(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "insecure.yaml"
+    path.write_text(INSECURE_CONFIG, encoding="utf-8")
+    result = sidecar("check-config", str(path), env=_secrets())
+    assert result.returncode == EXIT_CONFIG
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert lines[0] == f"{path}: invalid configuration:"
+    assert [line.split(": ", 1)[0] for line in lines[1:]] == [
+        "  network.trusted_proxies[0]",
+        "  mfa.exempt_paths[1]",
+    ]
+    assert lines[1].startswith("  network.trusted_proxies[0]: '::/0' covers every IPv6 address")
+    assert lines[1].endswith("; to accept this, add trust_any_proxy to acknowledge_insecure")
+    assert lines[2].startswith("  mfa.exempt_paths[1]: '/' exempts every path")
+    assert lines[2].endswith("; to accept this, add exempt_everything to acknowledge_insecure")
+
+
+def test_check_config_as_a_real_process_accepts_it_acknowledged_and_warns(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "acknowledged.yaml"
+    path.write_text(
+        INSECURE_CONFIG + "acknowledge_insecure: [exempt_everything, trust_any_proxy]\n",
+        encoding="utf-8",
+    )
+    result = sidecar("check-config", str(path), env=_secrets())
+    assert result.returncode == EXIT_OK, result.stderr
+    assert result.stdout.startswith(f"{path}: ok ")
+    warnings = result.stderr.splitlines()
+    assert [line.split(": ", 2)[:2] for line in warnings] == [
+        ["warning", "network.trusted_proxies[0]"],
+        ["warning", "mfa.exempt_paths[1]"],
+        ["warning", "mfa.verify_every"],
+    ]
+    assert warnings[0].endswith("(accepted by acknowledge_insecure: trust_any_proxy)")
+    assert warnings[1].endswith("(accepted by acknowledge_insecure: exempt_everything)")
+    assert warnings[2] == (
+        "warning: mfa.verify_every: 30d is more than 7d: a browser left signed in, or a copied "
+        "session cookie, passes the MFA gate that long"
+    )
+
+
+def test_run_refuses_a_setting_that_disables_a_protection(
+    tmp_path: Path, secrets_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "insecure.yaml"
+    path.write_text(INSECURE_CONFIG, encoding="utf-8")
+    assert main(["run", "--config", str(path)]) == EXIT_CONFIG
+    problems = capsys.readouterr().err.splitlines()[1:]
+    assert [line.split(": ", 1)[0] for line in problems] == [
+        "  network.trusted_proxies[0]",
+        "  mfa.exempt_paths[1]",
+    ]
+
+
+def test_run_logs_each_warning_once_at_start_up(tmp_path: Path) -> None:
+    """Two workers, one start: each warning is logged once, by the process that read the
+    file, at warning level (the level run_sidecar sets, so nothing quieter gets through)."""
+    with run_sidecar(
+        tmp_path,
+        "http://127.0.0.1:1",
+        workers=2,
+        network={"trusted_proxies": ["0.0.0.0/0"]},
+        mfa={"verify_every": "8d"},
+        acknowledge_insecure=["trust_any_proxy"],
+    ):
+        pass
+    records = [
+        json.loads(line)
+        for line in (tmp_path / "sidecar.log").read_text().splitlines()
+        if line.startswith("{")
+    ]
+    warnings = [r for r in records if r["logger"] == "sidecar.config"]
+    assert [(r["level"], r["trigger"], r["msg"].split(": ", 2)[:2]) for r in warnings] == [
+        ("warning", "start", ["config warning", "network.trusted_proxies[0]"]),
+        ("warning", "start", ["config warning", "mfa.verify_every"]),
+    ]
+    assert warnings[0]["msg"].endswith("(accepted by acknowledge_insecure: trust_any_proxy)")
 
 
 def test_check_config_as_a_real_process_refuses_a_bad_file(tmp_path: Path) -> None:

@@ -26,3 +26,14 @@ def test_ci_runs_the_readme_test_command() -> None:
     demo, tests = commands.group(1), commands.group(2)
     assert demo.endswith("sidecar demo")
     assert tests in (ROOT / ".ci" / "run").read_text()
+
+
+def test_every_acknowledgement_is_documented() -> None:
+    from sidecar.config_checks import ACKNOWLEDGEMENTS
+
+    readme = (ROOT / "README.md").read_text()
+    table = re.findall(r"^\| `([a-z_]+)` \| ", readme, re.MULTILINE)
+    example = (ROOT / "config.example.yaml").read_text()
+    for name in ACKNOWLEDGEMENTS:
+        assert name in table, f"README's acknowledgement table lacks {name}"
+        assert name in example, f"config.example.yaml's comment lacks {name}"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -98,3 +100,66 @@ async def test_a_store_unreachable_at_start_is_migrated_and_loaded_when_it_appea
         assert time.monotonic() < deadline, "not recovered"
         await asyncio.sleep(0.1)
     assert (await client.get("/anything")).status == 502  # judged, then forwarded (no upstream)
+
+
+def config_warnings_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "sidecar.config" and r.levelno == logging.WARNING
+    ]
+
+
+async def test_a_reload_with_a_newly_insecure_setting_is_refused_unless_acknowledged(
+    tmp_path: Path,
+    aiohttp_client: Callable[..., Awaitable[Client]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client, path, raw = await start(tmp_path, aiohttp_client)
+    app = client.app
+    before = app[LIVE].config
+    raw["network"] = {"trusted_proxies": ["::ffff:0:0/96"]}
+    path.write_text(yaml.safe_dump(raw))
+    with caplog.at_level(logging.WARNING):
+        assert await Reloader(app, path).reload("SIGHUP") is False
+    assert app[LIVE].config is before
+    assert app[LIVE].network.trusted_proxies.matching_rule(ipaddress.ip_address("1.2.3.4")) is None
+    assert app[METRICS].config_reloads_total.labels("failure")._value.get() == 1
+    (problem,) = audit_records(tmp_path, "config.reload")[-1]["details"]["problems"]
+    assert problem.startswith("network.trusted_proxies[0]: '::ffff:0:0/96' covers every IPv4 ")
+    assert problem.endswith("; to accept this, add trust_any_proxy to acknowledge_insecure")
+    refusal = next(r for r in caplog.records if r.name == "sidecar.reload")
+    assert refusal.levelno == logging.ERROR
+    assert refusal.fields["problems"] == [problem]  # type: ignore[attr-defined]
+    assert config_warnings_logged(caplog) == []
+
+    caplog.clear()
+    raw["acknowledge_insecure"] = ["trust_any_proxy"]
+    path.write_text(yaml.safe_dump(raw))
+    with caplog.at_level(logging.WARNING):
+        assert await Reloader(app, path).reload("SIGHUP") is True
+    # Now running: any peer may speak for the client, and the log and audit say so.
+    assert app[LIVE].network.trusted_proxies.matching_rule(ipaddress.ip_address("1.2.3.4"))
+    (warning,) = config_warnings_logged(caplog)
+    assert warning.startswith("config warning: network.trusted_proxies[0]: '::ffff:0:0/96' ")
+    assert warning.endswith("(accepted by acknowledge_insecure: trust_any_proxy)")
+    record = audit_records(tmp_path, "config.reload")[-1]
+    assert record["outcome"] == "success"
+    assert record["details"]["warnings"] == [warning.removeprefix("config warning: ")]
+
+
+async def test_every_reload_repeats_the_warnings(
+    tmp_path: Path,
+    aiohttp_client: Callable[..., Awaitable[Client]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client, path, _ = await start(tmp_path, aiohttp_client, mfa={"verify_every": "30d"})
+    reloader = Reloader(client.app, path)
+    with caplog.at_level(logging.WARNING):
+        assert await reloader.reload("SIGHUP") is True
+        assert await reloader.reload("file changed") is True
+    expected = "config warning: mfa.verify_every: 30d is more than 7d"
+    logged = config_warnings_logged(caplog)
+    assert [line[: len(expected)] for line in logged] == [expected, expected]
+    triggers = [r.fields["trigger"] for r in caplog.records if r.name == "sidecar.config"]  # type: ignore[attr-defined]
+    assert triggers == ["SIGHUP", "file changed"]
