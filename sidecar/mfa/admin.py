@@ -11,10 +11,10 @@ With ``security.managed_by: config`` the settings are read-only here (409).
 
 Every refusal of a signed-in caller on these routes (forbidden, CSRF, step-up missing, the
 lock-out guard, a stale version, invalid input, read-only settings) is audited as
-``admin.refused`` with the reason and route, so a reviewer sees attempts and not only
-successes; at most one record per caller, reason and route a minute (the rest are counted in
-the next record and in ``sidecar_admin_refusals_total{reason}``), so refusals cannot be
-turned into a flood of store writes.
+``admin.refused`` with the reason, the route and the user it was aimed at, so a reviewer sees
+attempts and not only successes: the first per caller, reason and route at once, the rest
+counted and written by a flush (``sidecar.mfa.refusals``), so refusals cannot be turned into
+a flood of store writes.
 """
 
 from __future__ import annotations
@@ -24,12 +24,11 @@ import functools
 import io
 import json
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 
 from sidecar.answers import Refusal
 from sidecar.config import MAX_DURATION_SECONDS, Config, parse_cidr, parse_duration
@@ -37,6 +36,7 @@ from sidecar.decision import Decision
 from sidecar.identity.base import is_privileged, valid_user_id
 from sidecar.mfa import pages, security_pages
 from sidecar.mfa.policy import MfaPolicy
+from sidecar.mfa.refusals import RefusalAudit, RefusalKey
 from sidecar.mfa.routes import (
     Caller,
     Guard,
@@ -99,37 +99,6 @@ def validate_lines(field: str, value: object) -> tuple[list[str], list[dict[str,
     return good, errors
 
 
-class RefusalLog:
-    """Which admin refusals to audit: the first per (caller, reason, route) in a minute, with
-    the number of further ones since the last record; bounded to ``max_keys`` entries."""
-
-    def __init__(self, registry: CollectorRegistry, *, window: float = 60.0) -> None:
-        self._window = window
-        self._max_keys = 10_000
-        self._seen: OrderedDict[tuple[str, str, str], tuple[float, int]] = OrderedDict()
-        self.total = Counter(
-            "sidecar_admin_refusals_total",
-            "Refused calls to the admin API and pages, by reason",
-            ["reason"],
-            registry=registry,
-        )
-        for reason in ("forbidden", "csrf", "step_up_required", "would_lock_you_out", "conflict"):
-            self.total.labels(reason)
-
-    def note(self, key: tuple[str, str, str], now: float) -> int | None:
-        """None when this refusal is only counted, else the ones suppressed before it."""
-        self.total.labels(key[1]).inc()
-        last = self._seen.get(key)
-        if last is not None and now - last[0] < self._window:
-            self._seen[key] = (last[0], last[1] + 1)
-            return None
-        self._seen[key] = (now, 0)
-        self._seen.move_to_end(key)
-        while len(self._seen) > self._max_keys:
-            self._seen.popitem(last=False)
-        return last[1] if last is not None else 0
-
-
 AdminHandler = Callable[["AdminHandlers", web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -150,7 +119,7 @@ def audited_refusals(handler: AdminHandler) -> AdminHandler:
 
 
 class AdminHandlers:
-    def __init__(self, handlers: Handlers, refusals: RefusalLog) -> None:
+    def __init__(self, handlers: Handlers, refusals: RefusalAudit) -> None:
         self.h = handlers
         self.service = handlers.service
         self.settings = handlers.settings
@@ -167,19 +136,13 @@ class AdminHandlers:
         reason = getattr(refusal, "error", None) or f"http_{refusal.status}"
         route = request.match_info.route.resource
         where = route.canonical if route is not None else request.path
-        suppressed = self.refusals.note((actor, reason, where), time.monotonic())
-        if suppressed is None:
-            return
         client_ip = request.get(CLIENT_IP)
-        await self.service.audit.record(
-            "admin.refused",
-            actor=actor,
-            client_ip=str(client_ip) if client_ip is not None else None,
-            outcome=reason,
-            target=where,
+        await self.refusals.refused(
+            RefusalKey(actor, reason, where),
             method=request.method,
             status=refusal.status,
-            suppressed_before=suppressed,
+            target=request.match_info.get("id"),
+            client_ip=str(client_ip) if client_ip is not None else None,
         )
 
     async def _admin(self, request: web.Request, *, write: bool) -> Caller:
@@ -472,7 +435,9 @@ def _csv_safe(value: object) -> str:
 def add_admin_routes(
     app: web.Application, handlers: Handlers, registry: CollectorRegistry
 ) -> AdminHandlers:
-    admin = AdminHandlers(handlers, RefusalLog(registry))
+    refusals = RefusalAudit(handlers.service.audit, registry, time.monotonic)
+    app.cleanup_ctx.append(refusals.lifecycle())
+    admin = AdminHandlers(handlers, refusals)
     admin_read = frozenset({Guard.SIGNED_IN, Guard.ADMIN, Guard.STEP_UP})
     admin_write = admin_read | {Guard.SAME_SITE}
     register(

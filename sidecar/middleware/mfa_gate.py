@@ -36,6 +36,9 @@ from sidecar.store.base import StoreUnavailable
 
 log = logging.getLogger("sidecar.mfa")
 
+#: Concurrent calls of one user to the sidecar's own routes (pages, API) in one process.
+MAX_SIDECAR_CALLS_PER_USER = 8
+
 _SETUP_ERROR = "mfa_setup_required"
 _VERIFY_ERROR = "mfa_verification_required"
 
@@ -50,6 +53,8 @@ def mfa_gate_middleware(
 ) -> Middleware:
     # The prefix is where the routes were registered: it changes only with a restart.
     prefix = live.config.mfa.path_prefix
+    # Sidecar calls in progress per user (this process): bounded, see MAX_SIDECAR_CALLS_PER_USER.
+    busy: dict[str, int] = {}
 
     @web.middleware
     async def mfa_gate(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -59,11 +64,29 @@ def mfa_gate_middleware(
         path = request.path
         if is_under(path, prefix):
             request[DECISION] = Decision.SIDECAR
+            identity = request.get(IDENTITY)
+            user = identity.user_id if identity is not None else None
+            if user is not None and busy.get(user, 0) >= MAX_SIDECAR_CALLS_PER_USER:
+                # One user's burst (300 concurrent guesses, say) must not take the store's
+                # connection pool from everyone else: refused before any store work.
+                request[REASON] = "too many concurrent sidecar calls for one user"
+                answer = json_error(
+                    429, "too_many_requests", "Too many requests at once. Try again in a moment."
+                )
+                answer.headers["Retry-After"] = "1"
+                return answer
+            if user is not None:
+                busy[user] = busy.get(user, 0) + 1
             try:
                 return await handler(request)
             except StoreUnavailable as exc:
                 # Any sidecar page or API call that needed the store: 503, never a 500.
                 return _store_down(request, str(exc))
+            finally:
+                if user is not None:
+                    busy[user] -= 1
+                    if not busy[user]:
+                        del busy[user]
         identity = request.get(IDENTITY)
         # Exemptions match the raw path (what the console receives): request.path has %2F
         # decoded, and "/static/..%2Fsettings" must not count as static.
