@@ -28,6 +28,7 @@ from sidecar.net.forwarding import Forwarding
 
 if TYPE_CHECKING:
     from sidecar.config import Config
+    from sidecar.identity.refusals import TokenRefusals
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,12 +244,16 @@ def console_cookies(
 def build_identity_provider(
     config: Config,
     session_factory: Callable[[], aiohttp.ClientSession] | None = None,
+    *,
+    refusals: TokenRefusals | None = None,
 ) -> IdentityProvider:
     """The provider for ``config.identity.source``.
 
     ``session_factory`` makes the HTTP session the introspect source uses (tests inject
-    one); the other sources ignore it. Raises :class:`~sidecar.config.ConfigError` when the
-    JWT key cannot be used with the configured algorithms.
+    one); the other sources ignore it. ``refusals`` counts the tokens the jwt source
+    refuses (the app's one counter, kept across reloads). Raises
+    :class:`~sidecar.config.ConfigError` when the JWT key cannot be used with the configured
+    algorithms.
     """
     # Imported here: each source module imports this one for the shared types.
     from sidecar.identity.headers import HeadersProvider
@@ -260,4 +265,4 @@ def build_identity_provider(
         return IntrospectProvider.from_config(config, session_factory=session_factory)
     if source == "headers":
         return HeadersProvider.from_config(config)
-    return JwtProvider.from_config(config)
+    return JwtProvider.from_config(config, refusals=refusals)

@@ -6,12 +6,16 @@ present is verified; the identity comes from the valid one, the cookie's when bo
 (a browser session: ``via_token`` False), else the header's (``via_token`` True).
 
 What is verified: the signature with the configured key and algorithms only, ``exp``
-(required) and ``nbf`` with 30 s leeway, ``aud`` and ``iss`` when configured (a token that
-carries ``aud`` is refused when no audience is configured, PyJWT's default).
+(required) and ``nbf``/``iat`` with 30 s leeway, ``aud`` and ``iss`` when configured (a token
+that carries ``aud`` is refused when no audience is configured, PyJWT's default).
 
 Answers:
 
-* no token, or no valid token (bad signature, expired, wrong audience...): anonymous;
+* no token: anonymous;
+* a refused token: anonymous when it is expired, not signed with the configured key or not a
+  JWT at all; :class:`IdentityUnavailable` for any other reason (signed with the key but
+  refused by the sidecar's checks, which the console may not share). Every refusal is
+  counted by reason; see :mod:`sidecar.identity.refusals` for the reasons and why;
 * valid tokens naming different users, or more than :data:`MAX_TOKENS` tokens:
   :class:`IdentityUnavailable`. The console may pick a different one than we would, and an
   "anonymous" answer would let the request skip the MFA gate;
@@ -52,6 +56,7 @@ from sidecar.identity.base import (
     string_or_none,
     user_id_from,
 )
+from sidecar.identity.refusals import TokenRefusal, TokenRefusals
 from sidecar.logs import fields
 from sidecar.net.forwarding import Forwarding
 
@@ -69,14 +74,31 @@ _VERIFYING_KEY_TYPES: Final = (
     ed448.Ed448PublicKey,
 )
 
-# Rejections that usually mean the sidecar's settings do not match the token issuer's;
-# worth one warning each, unlike expired tokens, which are routine.
-_CONFIG_HINTS: Final = (
-    jwt.InvalidAudienceError,
-    jwt.InvalidIssuerError,
-    jwt.InvalidAlgorithmError,
-    jwt.MissingRequiredClaimError,
+# PyJWT's errors that name the reason; subclasses before their bases (InvalidSignatureError
+# is a DecodeError). Any other error is a token that does not parse: see _reason.
+_REASONS: Final = (
+    (jwt.ExpiredSignatureError, TokenRefusal.EXPIRED),
+    (jwt.ImmatureSignatureError, TokenRefusal.NOT_YET_VALID),
+    (jwt.InvalidAlgorithmError, TokenRefusal.ALGORITHM_NOT_ALLOWED),
+    (jwt.InvalidSignatureError, TokenRefusal.BAD_SIGNATURE),
+    (jwt.InvalidAudienceError, TokenRefusal.WRONG_AUDIENCE),
+    (jwt.InvalidIssuerError, TokenRefusal.WRONG_ISSUER),
+    (jwt.MissingRequiredClaimError, TokenRefusal.MISSING_CLAIM),
 )
+
+# What to check when a reason that fails closed shows up (logged once per reason).
+_HINTS: Final = {
+    TokenRefusal.NOT_YET_VALID: "its nbf or iat is over 30 s ahead: check the clocks of the "
+    "sidecar and the token issuer",
+    TokenRefusal.MISSING_CLAIM: "exp is required, and aud when identity.jwt.audience is set",
+    TokenRefusal.WRONG_AUDIENCE: "check identity.jwt.audience (a token carrying aud needs it)",
+    TokenRefusal.WRONG_ISSUER: "check identity.jwt.issuer",
+    TokenRefusal.ALGORITHM_NOT_ALLOWED: "its alg is none of identity.jwt.algorithms that fit "
+    "the key",
+    TokenRefusal.INVALID_CLAIMS: "signed with the configured key, but its claims do not parse "
+    "(exp, nbf and iat must be numbers, sub a string)",
+    TokenRefusal.NO_USER_ID: "check identity.jwt.id_claim",
+}
 
 
 class JwtProvider:
@@ -89,15 +111,17 @@ class JwtProvider:
         key: VerificationKey,
         algorithms: Sequence[str],
         admin_roles: Sequence[str],
+        refusals: TokenRefusals | None = None,
     ) -> None:
         self._settings = settings
         self._key = key
         self._algorithms = list(algorithms)
         self._admin_roles = tuple(admin_roles)
+        self._refusals = refusals
         self._warned: set[str] = set()
 
     @classmethod
-    def from_config(cls, config: Config) -> JwtProvider:
+    def from_config(cls, config: Config, *, refusals: TokenRefusals | None = None) -> JwtProvider:
         """Reads and checks the key once; raises ConfigError when it cannot be used."""
         settings = config.identity.jwt
         key, algorithms = load_verification_key(settings)
@@ -106,6 +130,7 @@ class JwtProvider:
             key=key,
             algorithms=algorithms,
             admin_roles=config.identity.admin_roles,
+            refusals=refusals,
         )
 
     @property
@@ -152,27 +177,15 @@ class JwtProvider:
         return tokens
 
     def _verify(self, token: str, *, via_token: bool) -> Identity | None:
+        """The token's identity; None when it counts as anonymous. Raises
+        IdentityUnavailable when it is refused for a reason that fails closed."""
         settings = self._settings
-        try:
-            claims = jwt.decode(
-                token,
-                key=self._key,
-                algorithms=self._algorithms,
-                audience=settings.audience,
-                issuer=settings.issuer,
-                leeway=LEEWAY_SECONDS,
-                options={"require": ["exp"], "enforce_minimum_key_length": True},
-            )
-        except jwt.PyJWTError as exc:
-            self._note_rejection(exc)
+        claims = self._claims(token)
+        if claims is None:
             return None
         user_id = user_id_from(lookup_field(claims, settings.id_claim))
         if user_id is None:
-            self._warn_once(
-                "no_id",
-                "valid token without a usable user id; check identity.jwt.id_claim",
-                id_claim=settings.id_claim,
-            )
+            self._refused(TokenRefusal.NO_USER_ID, id_claim=settings.id_claim)
             raise IdentityUnavailable(f"token has no usable {settings.id_claim!r} claim")
         return Identity(
             user_id=user_id,
@@ -182,24 +195,62 @@ class JwtProvider:
             credential_hash=credential_hash([token]),
         )
 
-    def _note_rejection(self, exc: jwt.PyJWTError) -> None:
-        reason = type(exc).__name__
-        if isinstance(exc, _CONFIG_HINTS):
-            self._warn_once(
-                reason,
-                "token refused; if legitimate tokens are refused, check identity.jwt",
-                reason=reason,
-                detail=str(exc),
+    def _claims(self, token: str) -> dict[str, object] | None:
+        settings = self._settings
+        try:
+            claims: dict[str, object] = jwt.decode(
+                token,
+                key=self._key,
+                algorithms=self._algorithms,
+                audience=settings.audience,
+                issuer=settings.issuer,
+                leeway=LEEWAY_SECONDS,
+                options={"require": ["exp"], "enforce_minimum_key_length": True},
             )
-        else:
-            log.debug("token refused", extra=fields(reason=reason))
+        except jwt.PyJWTError as exc:
+            reason = self._reason(token, exc)
+            details = {"claim": exc.claim} if isinstance(exc, jwt.MissingRequiredClaimError) else {}
+            self._refused(reason, **details)
+            if reason.fails_closed:
+                raise IdentityUnavailable(f"token refused ({reason})") from None
+            return None
+        return claims
 
-    def _warn_once(self, kind: str, message: str, **details: object) -> None:
-        if kind in self._warned:
-            log.debug(message, extra=fields(**details))
+    def _reason(self, token: str, exc: jwt.PyJWTError) -> TokenRefusal:
+        for kind, reason in _REASONS:
+            if isinstance(exc, kind):
+                return reason
+        # A token that does not parse: before its signature was checked (segments, base64,
+        # header), or after (a payload that is not an object, an exp that is not a number).
+        # Only the signature tells whether the issuer made it; checked here, off the hot path.
+        return (
+            TokenRefusal.INVALID_CLAIMS if self._signed_with_key(token) else TokenRefusal.MALFORMED
+        )
+
+    def _signed_with_key(self, token: str) -> bool:
+        try:
+            jwt.api_jws.decode_complete(
+                token,
+                key=self._key,
+                algorithms=self._algorithms,
+                options={"enforce_minimum_key_length": True},
+            )
+        except jwt.PyJWTError:
+            return False
+        return True
+
+    def _refused(self, reason: TokenRefusal, **details: object) -> None:
+        if self._refusals is not None:
+            self._refusals.count(reason)
+        if not reason.fails_closed:
+            log.debug("token refused, request is anonymous", extra=fields(reason=reason.value))
             return
-        self._warned.add(kind)
-        log.warning(message + " (logged once)", extra=fields(**details))
+        message = f"token refused, answering 503 ({reason}): {_HINTS[reason]}"
+        if reason.value in self._warned:
+            log.debug(message, extra=fields(reason=reason.value, **details))
+            return
+        self._warned.add(reason.value)
+        log.warning(message + " (logged once)", extra=fields(reason=reason.value, **details))
 
 
 def _unquote(value: str) -> str:
