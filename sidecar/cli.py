@@ -67,6 +67,10 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         f"{len(config.security.ip_denylist)} denylist rules, "
         f"MFA policy {config.security.mfa_policy})"
     )
+    from sidecar.identity.warnings import token_warnings  # deferred: keeps `--help` fast
+
+    for warning in token_warnings(config):
+        print(f"{args.file}: warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 

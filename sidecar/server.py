@@ -17,6 +17,7 @@ from aiohttp import web
 from sidecar import __version__
 from sidecar.app import DRAINING, IN_FLIGHT, LIVE, METRICS, PROXY, build_admin_app, build_app
 from sidecar.config import Config
+from sidecar.identity.warnings import token_warnings
 from sidecar.listener import (
     FD_HEADROOM,
     ConnectionGuard,
@@ -53,6 +54,8 @@ async def serve(
     ``started`` is called once the public listener accepts connections.
     """
     app = build_app(config)
+    for warning in token_warnings(config):
+        log.warning("insecure setting: %s", warning)
     admin = build_admin_app(app)
     raise_open_files_limit(
         config.listen.max_connections + config.upstream.max_connections + FD_HEADROOM

@@ -2,8 +2,7 @@
 
 Where the token comes from: the cookie ``identity.jwt.cookie`` (when configured) and the
 header ``identity.jwt.header`` (default ``Authorization``, ``Bearer`` scheme). Every token
-present is verified; the identity comes from the valid one, the cookie's when both are valid
-(a browser session: ``via_token`` False), else the header's (``via_token`` True).
+present is verified; the identity comes from the valid one, the cookie's when both are valid.
 
 What is verified: the signature with the configured key and algorithms only, ``exp``
 (required) and ``nbf``/``iat`` with 30 s leeway, ``aud`` and ``iss`` when configured (a token
@@ -21,6 +20,14 @@ Answers:
   "anonymous" answer would let the request skip the MFA gate;
 * a valid token without a usable ``id_claim``: :class:`IdentityUnavailable` (the claim name
   is misconfigured; logged once).
+
+Browser session or API client: a request is ``bearer_only`` when its identity comes from
+the header and it carries no cookie token at all (a valid, expired or broken cookie token
+makes it a browser's request, whatever the header says). It is an ``api_token`` only when,
+besides, ``identity.jwt.api_token`` is set and the token's ``claim`` is its ``value`` (or a
+list holding it): the browser's own session token sent as ``Authorization: Bearer`` is
+bearer-only but, without that claim, meets the MFA gate. A token in the cookie is never an
+API token, whatever its claims.
 
 Keys are checked when the provider is built (:class:`~sidecar.config.ConfigError` naming the
 YAML path): ``none`` is never accepted, and HMAC algorithms never share a list with a public
@@ -53,6 +60,7 @@ from sidecar.identity.base import (
     cookie_pairs,
     credential_hash,
     lookup_field,
+    marks_api_token,
     string_or_none,
     user_id_from,
 )
@@ -145,9 +153,11 @@ class JwtProvider:
         candidates = self._tokens(headers)
         if len(candidates) > MAX_TOKENS:
             raise IdentityUnavailable(f"request carries {len(candidates)} tokens")
+        # Any cookie token, valid or not, makes it a browser's request.
+        browser = any(not from_header for _, from_header in candidates)
         found: list[Identity] = []
         for token, from_header in candidates:
-            identity = self._verify(token, via_token=from_header)
+            identity = self._verify(token, bearer_only=from_header and not browser)
             if identity is not None:
                 found.append(identity)
         if not found:
@@ -176,7 +186,7 @@ class JwtProvider:
                 tokens.append((token, True))
         return tokens
 
-    def _verify(self, token: str, *, via_token: bool) -> Identity | None:
+    def _verify(self, token: str, *, bearer_only: bool) -> Identity | None:
         """The token's identity; None when it counts as anonymous. Raises
         IdentityUnavailable when it is refused for a reason that fails closed."""
         settings = self._settings
@@ -187,11 +197,15 @@ class JwtProvider:
         if user_id is None:
             self._refused(TokenRefusal.NO_USER_ID, id_claim=settings.id_claim)
             raise IdentityUnavailable(f"token has no usable {settings.id_claim!r} claim")
+        rule = settings.api_token
         return Identity(
             user_id=user_id,
             email=string_or_none(lookup_field(claims, settings.email_claim)),
             role=choose_role(lookup_field(claims, settings.role_claim), self._admin_roles),
-            via_token=via_token,
+            bearer_only=bearer_only,
+            api_token=bearer_only
+            and rule is not None
+            and marks_api_token(lookup_field(claims, rule.claim), rule.value),
             credential_hash=credential_hash([token]),
         )
 

@@ -22,8 +22,10 @@ from sidecar.identity.refusals import TokenRefusal, TokenRefusals
 from sidecar.logs import FIELDS
 from tests.identity.stub_console import FORWARDING, headers, make_config
 from tests.identity.tokens import (
+    AUDIENCE,
     EC_KEY,
     HMAC_SECRET,
+    ISSUER,
     OTHER_RSA_KEY,
     RSA_KEY,
     b64,
@@ -48,7 +50,7 @@ def rsa_config(**jwt_settings: Any) -> Config:
 @dataclass(frozen=True)
 class Case:
     lines: Callable[[], tuple[tuple[str, str], ...]]
-    expected: tuple[str, str | None, str | None, bool] | None  # user, email, role, via_token
+    expected: tuple[str, str | None, str | None, bool] | None  # user, email, role, bearer_only
 
 
 ALICE_MEMBER = ("u-alice", "alice@example.com", "member", True)
@@ -62,8 +64,12 @@ CASES = {
         lambda: (cookie(rs256()), bearer(rs256(role="admin"))),
         ("u-alice", "alice@example.com", "member", False),
     ),
-    "invalid cookie does not hide a valid header token": Case(
-        lambda: (cookie("junk"), bearer(rs256())), ALICE_MEMBER
+    "a broken cookie token does not hide a valid header token, and makes it a browser's": Case(
+        lambda: (cookie("junk"), bearer(rs256())), ("u-alice", "alice@example.com", "member", False)
+    ),
+    "an expired cookie token makes the header token a browser's": Case(
+        lambda: (cookie(rs256(exp=int(time.time()) - 120)), bearer(rs256())),
+        ("u-alice", "alice@example.com", "member", False),
     ),
     "no token": Case(lambda: (("Cookie", "theme=dark"),), None),
     "basic authorization is not a token": Case(lambda: (("Authorization", "Basic dTpw"),), None),
@@ -94,8 +100,9 @@ async def test_identity_from_token(case: Case) -> None:
         assert identity is None
     else:
         assert identity is not None
-        got = (identity.user_id, identity.email, identity.role, identity.via_token)
+        got = (identity.user_id, identity.email, identity.role, identity.bearer_only)
         assert got == case.expected
+        assert not identity.api_token  # no identity.jwt.api_token configured
 
 
 def signed_payload(payload: bytes, key: rsa.RSAPrivateKey = RSA_KEY) -> str:
@@ -248,6 +255,75 @@ async def test_refusals_are_logged_once_per_reason_and_never_with_the_token(
             assert part not in logged
 
 
+# --- API tokens: identity.jwt.api_token ------------------------------------------------------
+
+API_RULE = {"claim": "token_use", "value": "api"}
+
+
+@dataclass(frozen=True)
+class ApiCase:
+    lines: Callable[[], tuple[tuple[str, str], ...]]
+    rule: dict[str, str] | None
+    api_token: bool
+
+
+API_CASES = {
+    "a header token with the claim": ApiCase(
+        lambda: (bearer(rs256(token_use="api")),), API_RULE, True
+    ),
+    "a list holding the value": ApiCase(
+        lambda: (bearer(rs256(token_use=["read", "api"])),), API_RULE, True
+    ),
+    "nested claim": ApiCase(
+        lambda: (bearer(rs256(ext={"kind": "api"})),), {"claim": "ext.kind", "value": "api"}, True
+    ),
+    "by audience, a list": ApiCase(
+        lambda: (bearer(rs256(aud=[AUDIENCE, "console-api"])),),
+        {"claim": "aud", "value": "console-api"},
+        True,
+    ),
+    "by issuer": ApiCase(lambda: (bearer(rs256()),), {"claim": "iss", "value": ISSUER}, True),
+    "no rule: no API token": ApiCase(lambda: (bearer(rs256(token_use="api")),), None, False),
+    "the browser's session token as a bearer token": ApiCase(
+        lambda: (bearer(rs256()),), API_RULE, False
+    ),
+    "wrong value": ApiCase(lambda: (bearer(rs256(token_use="id")),), API_RULE, False),
+    "not a string": ApiCase(
+        lambda: (bearer(rs256(token_use=True)),), {"claim": "token_use", "value": "True"}, False
+    ),
+    "an object is no value": ApiCase(
+        lambda: (bearer(rs256(ext={"kind": "api"})),), {"claim": "ext", "value": "api"}, False
+    ),
+    "the claim in a cookie token": ApiCase(
+        lambda: (cookie(rs256(token_use="api")),), API_RULE, False
+    ),
+    "a cookie token next to the API token": ApiCase(
+        lambda: (cookie(rs256()), bearer(rs256(token_use="api"))), API_RULE, False
+    ),
+    "both tokens with the claim": ApiCase(
+        lambda: (cookie(rs256(token_use="api")), bearer(rs256(token_use="api"))), API_RULE, False
+    ),
+    "an expired cookie token next to the API token": ApiCase(
+        lambda: (cookie(rs256(exp=int(time.time()) - 120)), bearer(rs256(token_use="api"))),
+        API_RULE,
+        False,
+    ),
+    "a broken cookie token next to the API token": ApiCase(
+        lambda: (cookie("junk"), bearer(rs256(token_use="api"))), API_RULE, False
+    ),
+}
+
+
+@pytest.mark.parametrize("case", API_CASES.values(), ids=API_CASES.keys())
+async def test_api_tokens_are_header_tokens_with_the_claim(case: ApiCase) -> None:
+    provider = build_identity_provider(rsa_config(api_token=case.rule))
+    identity = await provider.identify(
+        headers(*case.lines()), peer_trusted=False, forwarding=FORWARDING
+    )
+    assert identity is not None
+    assert identity.api_token is case.api_token
+
+
 async def test_custom_claims_header_and_nested_roles() -> None:
     config = rsa_config(
         cookie=None,
@@ -267,7 +343,7 @@ async def test_custom_claims_header_and_nested_roles() -> None:
         headers(("X-Id-Token", token)), peer_trusted=False, forwarding=FORWARDING
     )
     assert identity is not None
-    assert (identity.user_id, identity.email, identity.role, identity.via_token) == (
+    assert (identity.user_id, identity.email, identity.role, identity.bearer_only) == (
         "7",
         "bob@example.com",
         "admin",
