@@ -34,6 +34,7 @@ from sidecar.blocked_audit import BlockedAudit
 from sidecar.config import Config
 from sidecar.identity.base import build_identity_provider
 from sidecar.identity.headers import identity_header_names
+from sidecar.identity.refusals import TokenRefusals
 from sidecar.live import LiveSettings, NetworkPolicy
 from sidecar.logs import configure_logging
 from sidecar.metrics import Metrics
@@ -62,6 +63,7 @@ STORE = web.AppKey[Store]("sidecar.store")
 SETTINGS = web.AppKey("sidecar.settings", SettingsService)
 MFA = web.AppKey("sidecar.mfa", MfaService)
 IDENTITY_PROVIDER = web.AppKey("sidecar.identity_provider", IdentityRef)
+TOKEN_REFUSALS = web.AppKey("sidecar.token_refusals", TokenRefusals)
 #: Set when the process is draining (SIGTERM): /readyz answers 503 from then on.
 DRAINING = web.AppKey("sidecar.draining", asyncio.Event)
 HANDLERS = web.AppKey("sidecar.handlers", Handlers)
@@ -114,7 +116,8 @@ def build_app(
             gc.freeze()
 
     settings = SettingsService(store, config, settings_changed, audit=audit)
-    identity = IdentityRef(build_identity_provider(config))
+    refusals = TokenRefusals(metrics.registry)
+    identity = IdentityRef(build_identity_provider(config, refusals=refusals))
     session_storage = RotatingCookieStorage(
         list(config.mfa.session.secret_keys),
         cookie_name=config.mfa.session.cookie_name,
@@ -141,6 +144,7 @@ def build_app(
     app[SETTINGS] = settings
     app[MFA] = service
     app[IDENTITY_PROVIDER] = identity
+    app[TOKEN_REFUSALS] = refusals
     app[DRAINING] = asyncio.Event()
     app[BACKGROUND] = set()
     _count_ip_rules(metrics, live)
@@ -160,13 +164,13 @@ def build_app(
         gauges.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await gauges
-        # Retired identity providers waiting to be closed: closed now.
-        background: list[asyncio.Task[None]] = [*app[BACKGROUND]]
+        await settings.stop()
+        await app[UPSTREAM].close()
+        # Requests have drained: providers retired by reloads are closed now, not 30 s on.
+        background = list(_background_tasks(app))
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
-        await settings.stop()
-        await app[UPSTREAM].close()
         await identity.provider.close()
         await store.close()
         audit.close()
@@ -234,7 +238,11 @@ async def apply_config(app: web.Application, new: Config) -> list[str]:
     restart = [".".join(path) for path in RESTART_ONLY if _part(old, path) != _part(new, path)]
     # First what can fail (a JWT key that does not fit, the store), so that a failed reload
     # leaves everything as it was; then the swaps, which cannot fail.
-    provider = build_identity_provider(new) if new.identity != old.identity else None
+    provider = (
+        build_identity_provider(new, refusals=app[TOKEN_REFUSALS])
+        if new.identity != old.identity
+        else None
+    )
     settings = app[SETTINGS]
     settings.reconfigure(new)
     try:
@@ -259,7 +267,8 @@ async def apply_config(app: web.Application, new: Config) -> list[str]:
             try:
                 await asyncio.sleep(30)  # let requests that hold the old provider finish
             finally:
-                await retired.close()  # also at once when the app shuts down
+                # Also when the app stops first: the lifecycle cancels this task.
+                await retired.close()
 
         task = asyncio.get_running_loop().create_task(close_later())
         _background_tasks(app).add(task)

@@ -294,6 +294,23 @@ class Network(_Section):
     block_status: Annotated[int, Field(ge=400, le=599)] = 403
 
 
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise _bad("must not be empty")
+    return value
+
+
+NotBlank = Annotated[str, AfterValidator(_not_blank)]
+
+
+class IntrospectApiToken(_Section):
+    """How the console's introspection answer marks an API token: ``field`` (a key or dot
+    path) holds ``value``. Consulted only for requests whose credentials are Bearer-only."""
+
+    field: NotBlank
+    value: NotBlank
+
+
 class Introspect(_Section):
     path: str = "/api/me"
     id_field: str = "id"
@@ -310,6 +327,9 @@ class Introspect(_Section):
     # to the introspection endpoint with Cookie and Authorization, counted as credentials
     # (a request carrying only one is introspected) and bound into the sidecar session.
     headers: list[CredentialHeader] = []
+    # Bearer-only requests the console's answer marks as API tokens skip the MFA gate;
+    # null: none does.
+    api_token: IntrospectApiToken | None = None
 
     @field_validator("path")
     @classmethod
@@ -339,6 +359,14 @@ class IdentityHeaders(_Section):
     session_cookie: CookieName | None = None
 
 
+class JwtApiToken(_Section):
+    """How an API token differs from a browser session token: its claim ``claim`` (a name
+    or dot path) is ``value`` (or a list holding it). Only header tokens are considered."""
+
+    claim: NotBlank
+    value: NotBlank
+
+
 class Jwt(_Section):
     cookie: str | None = None
     header: str = "Authorization"
@@ -350,6 +378,8 @@ class Jwt(_Section):
     id_claim: str = "sub"
     email_claim: str = "email"
     role_claim: str = "role"
+    # Header tokens carrying this claim skip the MFA gate; null: none does.
+    api_token: JwtApiToken | None = None
 
 
 class Identity(_Section):
@@ -415,7 +445,9 @@ class Mfa(_Section):
         "https://console.example.com"
     ]
     exempt_paths: list[str] = ["/logout", "/static/"]
-    enforce_on_tokens: bool = False
+    # Bearer-only requests meet the MFA gate unless their identity source recognised an API
+    # token (identity.*.api_token); false lets every one of them skip it (the old default).
+    enforce_on_tokens: bool = True
     verify_every: PositiveDuration = 12 * 3600.0
     lockout: Lockout = Lockout()
     session: Session

@@ -139,8 +139,13 @@ def refusals(config: Config) -> list[str]:
 
 
 def config_warnings(config: Config) -> list[str]:
-    """The warnings as ``path: message`` lines, for ``check-config`` and the logs."""
-    return [str(f) for f in insecure_settings(config) if f.severity is Severity.WARN]
+    """Every warning about a config as ``path: message`` lines, for ``check-config``, the
+    start-up log and every reload: the fail-open settings above, and MFA exemptions that a
+    browser session shares (``sidecar.identity.warnings``)."""
+    from sidecar.identity.warnings import token_warnings
+
+    fail_open = [str(f) for f in insecure_settings(config) if f.severity is Severity.WARN]
+    return fail_open + token_warnings(config)
 
 
 # --- the checks ----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from aiohttp import web
 from cryptography.fernet import Fernet
 
 from sidecar.config import Config, ConfigError, parse_config
-from sidecar.demo_console import DEMO_USERS, build_demo_console
+from sidecar.demo_console import API_TOKEN_CREDENTIAL, DEMO_USERS, build_demo_console
 from sidecar.logs import configure_logging
 from sidecar.server import run_until_stopped, serve
 from sidecar.settings import SettingsService
@@ -56,6 +56,11 @@ def demo_config(
         "admin": {"host": "127.0.0.1", "port": admin_port},
         "upstream": {"url": f"http://127.0.0.1:{console_port}"},
         "security": {"mfa_policy": "admins", "grace_period": "72h"},
+        # The demo console tells its API tokens from its session token (also when that is
+        # sent as a bearer token): only API tokens skip the MFA gate.
+        "identity": {
+            "introspect": {"api_token": {"field": "credential", "value": API_TOKEN_CREDENTIAL}}
+        },
         "mfa": {
             "rp_id": public_host,
             "rp_name": "Demo Console",
@@ -145,7 +150,12 @@ def run_demo(*, host: str, port: int, data_dir: str, admin_port: int = 9090) -> 
     for user in DEMO_USERS:
         note = notes.get(user.id, "member: MFA optional")
         print(f"  {user.id.removeprefix('u-'):<8} {user.role:<7} {note}", flush=True)
-    print("\nStop with Ctrl-C.\n", flush=True)
+    print(
+        "\nAPI tokens skip the MFA gate, the session token sent as a bearer token does not:\n"
+        f"  curl -H 'Authorization: Bearer demo-token-alice' {url}api/reports\n"
+        "\nStop with Ctrl-C.\n",
+        flush=True,
+    )
     try:
         run_until_stopped(_demo(config, console_port))
     except OSError as exc:

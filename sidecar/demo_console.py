@@ -3,7 +3,11 @@
 It knows nothing about the sidecar. It has its own login (an opaque ``console_session``
 cookie), a few server-rendered pages, a JSON API with bearer tokens and a WebSocket echo, so
 that the sidecar has something realistic to sit in front of. ``GET /api/me`` is what the
-sidecar's identity introspection calls.
+sidecar's identity introspection calls; besides the user it says which kind of credential
+it accepted (``credential``): ``api_token`` for the ``demo-token-<name>`` API tokens,
+``session`` for the login session, whether its token comes in the cookie or, as many
+consoles allow, as ``Authorization: Bearer <session token>``. The demo's sidecar recognises
+API tokens by that field, so only they skip the MFA gate.
 
 Security assumption: this is a demo. Every user's password is ``demo`` and the API tokens are
 guessable (``demo-token-<name>``); never expose it beyond a test or a local demo.
@@ -85,22 +89,39 @@ def safe_next(target: str | None) -> str:
     return local_path_or(target, "/")
 
 
-def current_user(request: web.Request) -> DemoUser | None:
-    """The user behind the session cookie or a ``Bearer demo-token-<name>`` header."""
+#: ``/api/me``'s ``credential`` values.
+SESSION_CREDENTIAL = "session"
+API_TOKEN_CREDENTIAL = "api_token"  # noqa: S105 - a label, not a secret
+
+
+def current_credential(request: web.Request) -> tuple[DemoUser, str] | None:
+    """The user and the kind of credential that proved it: the session cookie, the session
+    token as ``Authorization: Bearer`` (``session``), or ``Bearer demo-token-<name>``
+    (``api_token``). The cookie wins when both are sent."""
     users = request.app[USERS_KEY]
+    sessions = request.app[SESSIONS_KEY]
     token = request.cookies.get(SESSION_COOKIE)
-    if token:
-        user_id = request.app[SESSIONS_KEY].get(token)
-        if user_id is not None and user_id in users:
-            return users[user_id]
+    if token and (user_id := sessions.get(token)) is not None and user_id in users:
+        return users[user_id], SESSION_CREDENTIAL
     scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and credential.startswith(_BEARER_PREFIX):
+    if scheme.lower() != "bearer":
+        return None
+    if credential.startswith(_BEARER_PREFIX):
         user = users.get("u-" + credential.removeprefix(_BEARER_PREFIX))
         if user is not None and hmac.compare_digest(
             credential.encode(), (_BEARER_PREFIX + user.username).encode()
         ):
-            return user
+            return user, API_TOKEN_CREDENTIAL
+        return None
+    if credential and (user_id := sessions.get(credential)) is not None and user_id in users:
+        return users[user_id], SESSION_CREDENTIAL
     return None
+
+
+def current_user(request: web.Request) -> DemoUser | None:
+    """The user behind the session (cookie or bearer) or a demo API token."""
+    found = current_credential(request)
+    return found[0] if found else None
 
 
 def _page(title: str, body: str, user: DemoUser | None = None, status: int = 200) -> web.Response:
@@ -272,8 +293,11 @@ async def ws_echo(request: web.Request) -> web.StreamResponse:
 
 
 async def api_me(request: web.Request) -> web.Response:
-    user = current_user(request)
-    return _unauthenticated() if user is None else web.json_response(user.public())
+    found = current_credential(request)
+    if found is None:
+        return _unauthenticated()
+    user, credential = found
+    return web.json_response({**user.public(), "credential": credential})
 
 
 async def api_reports(request: web.Request) -> web.Response:
@@ -316,12 +340,15 @@ def build_demo_console(users: Sequence[DemoUser] = DEMO_USERS) -> web.Applicatio
 
 
 __all__ = [
+    "API_TOKEN_CREDENTIAL",
     "DEMO_USERS",
     "SESSIONS_KEY",
     "SESSION_COOKIE",
+    "SESSION_CREDENTIAL",
     "USERS_KEY",
     "DemoUser",
     "build_demo_console",
+    "current_credential",
     "current_user",
     "safe_next",
 ]

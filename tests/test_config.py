@@ -283,6 +283,21 @@ SECRETS = [
         id="session-keys-not-a-list",
     ),
     pytest.param(
+        "identity: {jwt: {api_token: {claim: token_use}}}",
+        "identity.jwt.api_token.value: is required",
+        id="api-token-rule-without-value",
+    ),
+    pytest.param(
+        "identity: {introspect: {api_token: {field: '', value: api_token}}}",
+        "identity.introspect.api_token.field: '' must not be empty",
+        id="api-token-rule-empty-field",
+    ),
+    pytest.param(
+        "identity: {jwt: {api_token: {claim: token_use, value: true}}}",
+        "identity.jwt.api_token.value: True: input should be a valid string",
+        id="api-token-rule-value-not-a-string",
+    ),
+    pytest.param(
         "identity: {jwt: {key: [hunter2-hunter2]}}",
         "identity.jwt.key: input should be a valid string",
         id="jwt-key",

@@ -1,15 +1,22 @@
-"""``sidecar demo``'s key file: created private, kept across restarts."""
+"""``sidecar demo``: its key file (created private, kept across restarts) and what its
+sidecar lets through."""
 
 from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
-from sidecar.demo import _keys
+from sidecar.app import build_app
+from sidecar.demo import _keys, demo_config, seed_demo_state
+from sidecar.demo_console import SESSION_COOKIE, build_demo_console
+
+Client = TestClient[web.Request, web.Application]
 
 
 @pytest.fixture
@@ -63,3 +70,31 @@ def test_a_planted_symlink_is_not_written_through(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         _keys(tmp_path)
     assert not target.exists()
+
+
+async def test_the_demo_sidecar_tells_api_tokens_from_the_session_token(
+    tmp_path: Path,
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    aiohttp_client: Callable[..., Awaitable[Client]],
+) -> None:
+    # What the README's curl lines show: alice (owner, past her grace period) reaches the
+    # API with her API token, but her browser's session token sent as a bearer token meets
+    # the MFA gate like the browser does.
+    console = await aiohttp_server(build_demo_console())
+    assert console.port is not None
+    config = demo_config(
+        host="127.0.0.1", port=8080, admin_port=9090, console_port=console.port, data_dir=tmp_path
+    )
+    await seed_demo_state(config)
+    client = await aiohttp_client(build_app(config))
+    api = await client.get("/api/reports", headers={"Authorization": "Bearer demo-token-alice"})
+    assert api.status == 200
+    login = await client.post(
+        "/login", data={"username": "alice", "password": "demo"}, allow_redirects=False
+    )
+    assert login.status == 303
+    session = client.session.cookie_jar.filter_cookies(client.make_url("/"))[SESSION_COOKIE]
+    client.session.cookie_jar.clear()
+    held = await client.get("/api/reports", headers={"Authorization": f"Bearer {session.value}"})
+    assert held.status == 403
+    assert (await held.json())["error"] == "mfa_setup_required"

@@ -62,6 +62,7 @@ async def test_login_sets_a_session_cookie(client: Client, username: str) -> Non
         "email": "bob@example.com",
         "name": "Bob Admin",
         "role": "admin",
+        "credential": "session",
     }
 
 
@@ -190,6 +191,46 @@ async def test_api_me_with_bearer_token(
     else:
         assert resp.status == 200
         assert (await resp.json())["id"] == expected_id
+
+
+async def session_token(client: Client) -> str:
+    value: str = client.session.cookie_jar.filter_cookies(client.make_url("/"))[
+        SESSION_COOKIE
+    ].value
+    return value
+
+
+async def test_api_me_says_which_kind_of_credential_it_accepted(client: Client) -> None:
+    api = await client.get("/api/me", headers={"Authorization": "Bearer demo-token-dave"})
+    assert await api.json() == {**DEMO_USERS[3].public(), "credential": "api_token"}
+    await log_in(client)  # carol: the cookie wins over a token sent with it
+    both = await client.get("/api/me", headers={"Authorization": "Bearer demo-token-dave"})
+    assert await both.json() == {**DEMO_USERS[2].public(), "credential": "session"}
+
+
+async def test_the_session_token_is_accepted_as_a_bearer_token(
+    aiohttp_client: ClientFactory,
+) -> None:
+    app = build_demo_console()
+    browser = await aiohttp_client(app)
+    await log_in(browser, "alice")
+    token = await session_token(browser)
+    script = await aiohttp_client(app)  # no cookies: the token alone
+    me = await script.get("/api/me", headers={"Authorization": f"Bearer {token}"})
+    assert await me.json() == {**DEMO_USERS[0].public(), "credential": "session"}
+    reports = await script.get("/api/reports", headers={"Authorization": f"bearer {token}"})
+    assert reports.status == 200
+    await browser.post("/logout", allow_redirects=False)
+    gone = await script.get("/api/me", headers={"Authorization": f"Bearer {token}"})
+    assert gone.status == 401
+
+
+@pytest.mark.parametrize("token", ["", "u-alice", "demo-token-alice-x", "nope"])
+async def test_unknown_bearer_tokens_are_refused(client: Client, token: str) -> None:
+    await log_in(client)
+    client.session.cookie_jar.clear()
+    resp = await client.get("/api/me", headers={"Authorization": f"Bearer {token}"})
+    assert resp.status == 401
 
 
 @pytest.mark.parametrize("path", ["/api/me", "/api/reports"])

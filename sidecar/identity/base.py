@@ -28,14 +28,24 @@ from sidecar.net.forwarding import Forwarding
 
 if TYPE_CHECKING:
     from sidecar.config import Config
+    from sidecar.identity.refusals import TokenRefusals
 
 
 @dataclass(frozen=True, slots=True)
 class Identity:
     """A user the identity source vouches for.
 
-    ``via_token``: authenticated by ``Authorization: Bearer`` (an API client) rather than a
-    browser session; such requests skip the MFA gate unless ``mfa.enforce_on_tokens``.
+    ``bearer_only``: the request's only credential is a token in the ``Authorization``
+    header (or ``identity.jwt.header``): no console cookie, no other credential header. That
+    is the shape of an API client's request, but proves nothing on its own: a browser's
+    session token can be sent the same way (a phished password is enough to get one).
+
+    ``api_token``: the identity source recognised the credential as an API token by the
+    configured rule (``identity.jwt.api_token``, ``identity.introspect.api_token``; the
+    headers source never does). Only a bearer-only request can be one. These requests skip
+    the MFA gate: the rule is the operator's statement that such tokens are minted inside a
+    session that passed MFA. Other bearer-only requests meet the gate unless
+    ``mfa.enforce_on_tokens`` is false.
 
     ``credential_hash``: SHA-256 over the credentials that proved this identity. The sidecar
     binds its own session to it so that a console logout (new credentials) also ends the
@@ -48,8 +58,14 @@ class Identity:
     user_id: str
     email: str | None
     role: str | None
-    via_token: bool
+    bearer_only: bool
+    api_token: bool
     credential_hash: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if self.api_token and not self.bearer_only:
+            # A browser request (a cookie next to the token) is never an API client.
+            raise ValueError("an API token identity must come from a bearer-only request")
 
 
 ANONYMOUS: Final = None
@@ -147,6 +163,18 @@ def lookup_field(document: Mapping[str, object], name: str) -> object:
         if node is _MISSING:
             return None
     return node
+
+
+def marks_api_token(value: object, expected: str) -> bool:
+    """Whether a claim or answer field ``value`` is the configured API-token marker: the
+    string ``expected`` itself, or a list holding it (``aud`` may be a list). Compared
+    exactly; anything else (absent, another string, a number, a boolean, an object) is no
+    marker, and the request meets the MFA gate like a browser session."""
+    if isinstance(value, str):
+        return value == expected
+    if isinstance(value, list):
+        return any(isinstance(item, str) and item == expected for item in value)
+    return False
 
 
 #: Longest user id the sidecar keys state by (consoles use ids, emails or UUIDs).
@@ -249,12 +277,16 @@ def console_cookies(
 def build_identity_provider(
     config: Config,
     session_factory: Callable[[], aiohttp.ClientSession] | None = None,
+    *,
+    refusals: TokenRefusals | None = None,
 ) -> IdentityProvider:
     """The provider for ``config.identity.source``.
 
     ``session_factory`` makes the HTTP session the introspect source uses (tests inject
-    one); the other sources ignore it. Raises :class:`~sidecar.config.ConfigError` when the
-    JWT key cannot be used with the configured algorithms.
+    one); the other sources ignore it. ``refusals`` counts the tokens the jwt source
+    refuses (the app's one counter, kept across reloads). Raises
+    :class:`~sidecar.config.ConfigError` when the JWT key cannot be used with the configured
+    algorithms.
     """
     # Imported here: each source module imports this one for the shared types.
     from sidecar.identity.headers import HeadersProvider
@@ -266,4 +298,4 @@ def build_identity_provider(
         return IntrospectProvider.from_config(config, session_factory=session_factory)
     if source == "headers":
         return HeadersProvider.from_config(config)
-    return JwtProvider.from_config(config)
+    return JwtProvider.from_config(config, refusals=refusals)

@@ -11,8 +11,11 @@ believe them either.
   might pick either one; calling the request anonymous would let it skip the MFA gate.
 * Role: the first group (comma-separated, all lines) in ``identity.admin_roles``, else the
   first group, else None.
-* ``via_token`` only for ``Authorization: Bearer`` without console cookies, for the same
-  reason as in :mod:`sidecar.identity.introspect`.
+* ``bearer_only`` only for ``Authorization: Bearer`` without console cookies, for the same
+  reason as in :mod:`sidecar.identity.introspect`. ``api_token`` never: the proxy says who
+  the user is, not what kind of credential it accepted, so an API client's token and a
+  browser session token sent as a bearer token look alike here. Bearer requests therefore
+  meet the MFA gate unless ``mfa.enforce_on_tokens`` is false (which exempts both).
 
 The session binding (``Identity.credential_hash``): user, email and groups, so a change of
 role needs a new verification. That alone survives the user's logout and re-login at the
@@ -124,7 +127,7 @@ class HeadersProvider:
         ]
         cookies = console_cookies(headers.getall("Cookie", ()), self._own_cookie)
         authorizations = [line for line in headers.getall("Authorization", ()) if line.strip()]
-        via_token = (
+        bearer_only = (
             not cookies
             and bool(authorizations)
             and all(bearer_token(line) is not None for line in authorizations)
@@ -135,7 +138,7 @@ class HeadersProvider:
             session = proxy_session(headers.getall("Cookie", ()), session_cookie)
             if session:
                 binding.append(session)
-            elif via_token:
+            elif bearer_only:
                 binding.append(["authorization", *authorizations])
             else:
                 raise IdentityUnavailable(
@@ -146,7 +149,8 @@ class HeadersProvider:
             user_id=user,
             email=email,
             role=choose_role(groups, self._admin_roles),
-            via_token=via_token,
+            bearer_only=bearer_only,
+            api_token=False,
             credential_hash=credential_hash(*binding),
         )
 

@@ -35,12 +35,20 @@ client address (users roam between networks; a verification survives it) and not
 (the sidecar's cookie is scoped to a host by the browser already, and the console decides
 per host which user the credentials are; the session is for that user only).
 
-``via_token`` is True only when every credential is a Bearer token: no console cookie and
-no extra credential header. When both are present the request counts as a browser session:
-token requests skip the MFA gate, and a browser holding a console session cookie must not be
-able to skip it by adding any ``Authorization: Bearer`` header (the console may well
-authenticate it by the cookie and ignore the header). An extra credential header is not a
-Bearer token either: such requests pass the MFA gate like browser sessions.
+``bearer_only`` is True only when every credential is a Bearer token: no console cookie
+(one of ``cookies`` when that is set) and no extra credential header. When both are present
+the request counts as a browser session: a browser holding a console session cookie must
+not be able to pass as an API client by adding any ``Authorization: Bearer`` header (the
+console may well authenticate it by the cookie and ignore the header). An extra credential
+header is not a Bearer token either: such requests meet the MFA gate like browser sessions.
+
+``api_token`` (the request skips the MFA gate) needs more than that shape: a browser's own
+session token sent as ``Authorization: Bearer`` is bearer-only too. With
+``identity.introspect.api_token: {field, value}`` the console says which kind of credential
+it accepted: a bearer-only request is an API token when the answer's ``field`` (a key or a
+dot path) is ``value`` or a list holding it (:func:`~sidecar.identity.base.marks_api_token`).
+A missing field, another value or a non-string is no API token. Without the setting, no
+request is one.
 """
 
 from __future__ import annotations
@@ -68,6 +76,7 @@ from sidecar.identity.base import (
     console_cookies,
     credential_hash,
     lookup_field,
+    marks_api_token,
     string_or_none,
     user_id_from,
 )
@@ -94,7 +103,7 @@ class _Question:
     binding: bytes
 
     @property
-    def via_token(self) -> bool:
+    def bearer_only(self) -> bool:
         return (
             not self.cookies
             and not self.extras
@@ -327,11 +336,15 @@ class IntrospectProvider:
             raise IdentityUnavailable(
                 f"introspection answer has no usable {settings.id_field!r} field"
             )
+        rule = settings.api_token
         return Identity(
             user_id=user_id,
             email=string_or_none(lookup_field(document, settings.email_field)),
             role=choose_role(lookup_field(document, settings.role_field), self._admin_roles),
-            via_token=question.via_token,
+            bearer_only=question.bearer_only,
+            api_token=question.bearer_only
+            and rule is not None
+            and marks_api_token(lookup_field(document, rule.field), rule.value),
             credential_hash=question.binding,
         )
 

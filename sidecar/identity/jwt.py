@@ -2,21 +2,32 @@
 
 Where the token comes from: the cookie ``identity.jwt.cookie`` (when configured) and the
 header ``identity.jwt.header`` (default ``Authorization``, ``Bearer`` scheme). Every token
-present is verified; the identity comes from the valid one, the cookie's when both are valid
-(a browser session: ``via_token`` False), else the header's (``via_token`` True).
+present is verified; the identity comes from the valid one, the cookie's when both are valid.
 
 What is verified: the signature with the configured key and algorithms only, ``exp``
-(required) and ``nbf`` with 30 s leeway, ``aud`` and ``iss`` when configured (a token that
-carries ``aud`` is refused when no audience is configured, PyJWT's default).
+(required) and ``nbf``/``iat`` with 30 s leeway, ``aud`` and ``iss`` when configured (a token
+that carries ``aud`` is refused when no audience is configured, PyJWT's default).
 
 Answers:
 
-* no token, or no valid token (bad signature, expired, wrong audience...): anonymous;
+* no token: anonymous;
+* a refused token: anonymous when it is expired, not signed with the configured key or not a
+  JWT at all; :class:`IdentityUnavailable` for any other reason (signed with the key but
+  refused by the sidecar's checks, which the console may not share). Every refusal is
+  counted by reason; see :mod:`sidecar.identity.refusals` for the reasons and why;
 * valid tokens naming different users, or more than :data:`MAX_TOKENS` tokens:
   :class:`IdentityUnavailable`. The console may pick a different one than we would, and an
   "anonymous" answer would let the request skip the MFA gate;
 * a valid token without a usable ``id_claim``: :class:`IdentityUnavailable` (the claim name
   is misconfigured; logged once).
+
+Browser session or API client: a request is ``bearer_only`` when its identity comes from
+the header and it carries no cookie token at all (a valid, expired or broken cookie token
+makes it a browser's request, whatever the header says). It is an ``api_token`` only when,
+besides, ``identity.jwt.api_token`` is set and the token's ``claim`` is its ``value`` (or a
+list holding it): the browser's own session token sent as ``Authorization: Bearer`` is
+bearer-only but, without that claim, meets the MFA gate. A token in the cookie is never an
+API token, whatever its claims.
 
 Keys are checked when the provider is built (:class:`~sidecar.config.ConfigError` naming the
 YAML path): ``none`` is never accepted, and HMAC algorithms never share a list with a public
@@ -49,9 +60,11 @@ from sidecar.identity.base import (
     cookie_pairs,
     credential_hash,
     lookup_field,
+    marks_api_token,
     string_or_none,
     user_id_from,
 )
+from sidecar.identity.refusals import TokenRefusal, TokenRefusals
 from sidecar.logs import fields
 from sidecar.net.forwarding import Forwarding
 
@@ -69,14 +82,31 @@ _VERIFYING_KEY_TYPES: Final = (
     ed448.Ed448PublicKey,
 )
 
-# Rejections that usually mean the sidecar's settings do not match the token issuer's;
-# worth one warning each, unlike expired tokens, which are routine.
-_CONFIG_HINTS: Final = (
-    jwt.InvalidAudienceError,
-    jwt.InvalidIssuerError,
-    jwt.InvalidAlgorithmError,
-    jwt.MissingRequiredClaimError,
+# PyJWT's errors that name the reason; subclasses before their bases (InvalidSignatureError
+# is a DecodeError). Any other error is a token that does not parse: see _reason.
+_REASONS: Final = (
+    (jwt.ExpiredSignatureError, TokenRefusal.EXPIRED),
+    (jwt.ImmatureSignatureError, TokenRefusal.NOT_YET_VALID),
+    (jwt.InvalidAlgorithmError, TokenRefusal.ALGORITHM_NOT_ALLOWED),
+    (jwt.InvalidSignatureError, TokenRefusal.BAD_SIGNATURE),
+    (jwt.InvalidAudienceError, TokenRefusal.WRONG_AUDIENCE),
+    (jwt.InvalidIssuerError, TokenRefusal.WRONG_ISSUER),
+    (jwt.MissingRequiredClaimError, TokenRefusal.MISSING_CLAIM),
 )
+
+# What to check when a reason that fails closed shows up (logged once per reason).
+_HINTS: Final = {
+    TokenRefusal.NOT_YET_VALID: "its nbf or iat is over 30 s ahead: check the clocks of the "
+    "sidecar and the token issuer",
+    TokenRefusal.MISSING_CLAIM: "exp is required, and aud when identity.jwt.audience is set",
+    TokenRefusal.WRONG_AUDIENCE: "check identity.jwt.audience (a token carrying aud needs it)",
+    TokenRefusal.WRONG_ISSUER: "check identity.jwt.issuer",
+    TokenRefusal.ALGORITHM_NOT_ALLOWED: "its alg is none of identity.jwt.algorithms that fit "
+    "the key",
+    TokenRefusal.INVALID_CLAIMS: "signed with the configured key, but its claims do not parse "
+    "(exp, nbf and iat must be numbers, sub a string)",
+    TokenRefusal.NO_USER_ID: "check identity.jwt.id_claim",
+}
 
 
 class JwtProvider:
@@ -89,15 +119,17 @@ class JwtProvider:
         key: VerificationKey,
         algorithms: Sequence[str],
         admin_roles: Sequence[str],
+        refusals: TokenRefusals | None = None,
     ) -> None:
         self._settings = settings
         self._key = key
         self._algorithms = list(algorithms)
         self._admin_roles = tuple(admin_roles)
+        self._refusals = refusals
         self._warned: set[str] = set()
 
     @classmethod
-    def from_config(cls, config: Config) -> JwtProvider:
+    def from_config(cls, config: Config, *, refusals: TokenRefusals | None = None) -> JwtProvider:
         """Reads and checks the key once; raises ConfigError when it cannot be used."""
         settings = config.identity.jwt
         key, algorithms = load_verification_key(settings)
@@ -106,6 +138,7 @@ class JwtProvider:
             key=key,
             algorithms=algorithms,
             admin_roles=config.identity.admin_roles,
+            refusals=refusals,
         )
 
     @property
@@ -120,9 +153,11 @@ class JwtProvider:
         candidates = self._tokens(headers)
         if len(candidates) > MAX_TOKENS:
             raise IdentityUnavailable(f"request carries {len(candidates)} tokens")
+        # Any cookie token, valid or not, makes it a browser's request.
+        browser = any(not from_header for _, from_header in candidates)
         found: list[Identity] = []
         for token, from_header in candidates:
-            identity = self._verify(token, via_token=from_header)
+            identity = self._verify(token, bearer_only=from_header and not browser)
             if identity is not None:
                 found.append(identity)
         if not found:
@@ -151,10 +186,33 @@ class JwtProvider:
                 tokens.append((token, True))
         return tokens
 
-    def _verify(self, token: str, *, via_token: bool) -> Identity | None:
+    def _verify(self, token: str, *, bearer_only: bool) -> Identity | None:
+        """The token's identity; None when it counts as anonymous. Raises
+        IdentityUnavailable when it is refused for a reason that fails closed."""
+        settings = self._settings
+        claims = self._claims(token)
+        if claims is None:
+            return None
+        user_id = user_id_from(lookup_field(claims, settings.id_claim))
+        if user_id is None:
+            self._refused(TokenRefusal.NO_USER_ID, id_claim=settings.id_claim)
+            raise IdentityUnavailable(f"token has no usable {settings.id_claim!r} claim")
+        rule = settings.api_token
+        return Identity(
+            user_id=user_id,
+            email=string_or_none(lookup_field(claims, settings.email_claim)),
+            role=choose_role(lookup_field(claims, settings.role_claim), self._admin_roles),
+            bearer_only=bearer_only,
+            api_token=bearer_only
+            and rule is not None
+            and marks_api_token(lookup_field(claims, rule.claim), rule.value),
+            credential_hash=credential_hash([token]),
+        )
+
+    def _claims(self, token: str) -> dict[str, object] | None:
         settings = self._settings
         try:
-            claims = jwt.decode(
+            claims: dict[str, object] = jwt.decode(
                 token,
                 key=self._key,
                 algorithms=self._algorithms,
@@ -164,42 +222,49 @@ class JwtProvider:
                 options={"require": ["exp"], "enforce_minimum_key_length": True},
             )
         except jwt.PyJWTError as exc:
-            self._note_rejection(exc)
+            reason = self._reason(token, exc)
+            details = {"claim": exc.claim} if isinstance(exc, jwt.MissingRequiredClaimError) else {}
+            self._refused(reason, **details)
+            if reason.fails_closed:
+                raise IdentityUnavailable(f"token refused ({reason})") from None
             return None
-        user_id = user_id_from(lookup_field(claims, settings.id_claim))
-        if user_id is None:
-            self._warn_once(
-                "no_id",
-                "valid token without a usable user id; check identity.jwt.id_claim",
-                id_claim=settings.id_claim,
-            )
-            raise IdentityUnavailable(f"token has no usable {settings.id_claim!r} claim")
-        return Identity(
-            user_id=user_id,
-            email=string_or_none(lookup_field(claims, settings.email_claim)),
-            role=choose_role(lookup_field(claims, settings.role_claim), self._admin_roles),
-            via_token=via_token,
-            credential_hash=credential_hash([token]),
+        return claims
+
+    def _reason(self, token: str, exc: jwt.PyJWTError) -> TokenRefusal:
+        for kind, reason in _REASONS:
+            if isinstance(exc, kind):
+                return reason
+        # A token that does not parse: before its signature was checked (segments, base64,
+        # header), or after (a payload that is not an object, an exp that is not a number).
+        # Only the signature tells whether the issuer made it; checked here, off the hot path.
+        return (
+            TokenRefusal.INVALID_CLAIMS if self._signed_with_key(token) else TokenRefusal.MALFORMED
         )
 
-    def _note_rejection(self, exc: jwt.PyJWTError) -> None:
-        reason = type(exc).__name__
-        if isinstance(exc, _CONFIG_HINTS):
-            self._warn_once(
-                reason,
-                "token refused; if legitimate tokens are refused, check identity.jwt",
-                reason=reason,
-                detail=str(exc),
+    def _signed_with_key(self, token: str) -> bool:
+        try:
+            jwt.api_jws.decode_complete(
+                token,
+                key=self._key,
+                algorithms=self._algorithms,
+                options={"enforce_minimum_key_length": True},
             )
-        else:
-            log.debug("token refused", extra=fields(reason=reason))
+        except jwt.PyJWTError:
+            return False
+        return True
 
-    def _warn_once(self, kind: str, message: str, **details: object) -> None:
-        if kind in self._warned:
-            log.debug(message, extra=fields(**details))
+    def _refused(self, reason: TokenRefusal, **details: object) -> None:
+        if self._refusals is not None:
+            self._refusals.count(reason)
+        if not reason.fails_closed:
+            log.debug("token refused, request is anonymous", extra=fields(reason=reason.value))
             return
-        self._warned.add(kind)
-        log.warning(message + " (logged once)", extra=fields(**details))
+        message = f"token refused, answering 503 ({reason}): {_HINTS[reason]}"
+        if reason.value in self._warned:
+            log.debug(message, extra=fields(reason=reason.value, **details))
+            return
+        self._warned.add(reason.value)
+        log.warning(message + " (logged once)", extra=fields(reason=reason.value, **details))
 
 
 def _unquote(value: str) -> str:

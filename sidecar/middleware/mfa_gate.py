@@ -2,8 +2,12 @@
 
 Who passes without a decision: the sidecar's own routes, ``mfa.exempt_paths`` (matched on the
 canonical path, which is also what the console receives), anonymous requests (the console
-answers those itself), and API clients authenticated by ``Authorization: Bearer`` unless
-``mfa.enforce_on_tokens``.
+answers those itself), and API clients: requests whose identity source recognised an API
+token (``Identity.api_token``, see ``identity.jwt.api_token`` and
+``identity.introspect.api_token``), and, only when ``mfa.enforce_on_tokens`` is false, every
+request authenticated by ``Authorization: Bearer`` alone. A bearer token on its own is no
+API client: a browser's session token can be sent that way, and exempting it would let a
+phished password reach the console's API without a second factor.
 
 Everyone else gets a verdict from ``sidecar.mfa.policy.decide``. "Required" answers: an HTML
 navigation gets 303 to the setup or verify page with ``next``; anything else 403 JSON
@@ -92,7 +96,7 @@ def mfa_gate_middleware(
         # decoded, and "/static/..%2Fsettings" must not count as static.
         if identity is None or is_exempt(request.rel_url.raw_path, mfa.exempt_paths):
             return await handler(request)
-        if identity.via_token and not mfa.enforce_on_tokens:
+        if identity.api_token or (identity.bearer_only and not mfa.enforce_on_tokens):
             return await handler(request)
         current = settings.current
         if current is None:

@@ -83,26 +83,48 @@ class StubConsole:
         return sum(1 for r in self.received if path is None or r.path == path)
 
 
+def _document(user: str, role: str, credential: str) -> dict[str, Any]:
+    """A user document that also says which kind of credential the console accepted, as
+    ``credential``, nested (``auth.kind``), in a list (``auth.kinds``) and as a boolean
+    (``auth.api``), for the API-token rule's variants."""
+    return {
+        "id": user,
+        "email": f"{user[2:]}@example.com",
+        "role": role,
+        "credential": credential,
+        "auth": {"kind": credential, "kinds": [credential], "api": credential == "api_token"},
+    }
+
+
+def _session(value: str) -> dict[str, Any] | int | None:
+    if value == "forbidden":
+        return 403
+    if value.startswith("u-"):
+        return _document(value, "owner" if value == "u-alice" else "member", "session")
+    return None
+
+
 def _user_for(request: web.Request) -> dict[str, Any] | int | None:
-    """The /api/me answer: a user document, None (401) or a status (403)."""
+    """The /api/me answer: a user document, None (401) or a status (403).
+
+    Credentials: API keys, ``Bearer tok-carol`` (an API token), and the session cookie,
+    whose value is also accepted as a bearer token (as many consoles accept their own
+    session token in ``Authorization``).
+    """
     for line in request.headers.getall(API_KEY_HEADER, ()):
         if line in API_KEYS:
-            user = API_KEYS[line]
-            return {"id": user, "email": f"{user[2:]}@example.com", "role": "member"}
+            return _document(API_KEYS[line], "member", "api_key")
     for line in request.headers.getall("Authorization", ()):
         scheme, _, token = line.partition(" ")
-        if scheme.lower() == "bearer" and token in TOKENS:
-            user = TOKENS[token]
-            return {"id": user, "email": f"{user[2:]}@example.com", "role": "member"}
-    for name, morsel in request.cookies.items():
-        if name != SESSION_COOKIE:
+        if scheme.lower() != "bearer":
             continue
-        value = morsel
-        if value == "forbidden":
-            return 403
-        if value.startswith("u-"):
-            role = "owner" if value == "u-alice" else "member"
-            return {"id": value, "email": f"{value[2:]}@example.com", "role": role}
+        if token in TOKENS:
+            return _document(TOKENS[token], "member", "api_token")
+        if (session := _session(token)) is not None:
+            return session
+    for name, morsel in request.cookies.items():
+        if name == SESSION_COOKIE and (session := _session(morsel)) is not None:
+            return session
     return None
 
 

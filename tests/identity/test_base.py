@@ -14,6 +14,7 @@ from sidecar.identity.base import (
     cookie_pairs,
     credential_hash,
     lookup_field,
+    marks_api_token,
     user_id_from,
 )
 
@@ -21,7 +22,9 @@ ADMIN_ROLES = ("admin", "owner")
 
 
 def identity(role: str | None) -> Identity:
-    return Identity("u-1", None, role, via_token=False, credential_hash=b"\x00" * 32)
+    return Identity(
+        "u-1", None, role, bearer_only=False, api_token=False, credential_hash=b"\x00" * 32
+    )
 
 
 PRIVILEGED = {
@@ -167,7 +170,38 @@ def test_credential_hash_separates_lines_and_groups() -> None:
 
 def test_identity_repr_hides_the_credential_hash() -> None:
     secret = b"\xab" * 32
-    shown = repr(Identity("u-1", "e", "r", via_token=False, credential_hash=secret))
+    shown = repr(
+        Identity("u-1", "e", "r", bearer_only=False, api_token=False, credential_hash=secret)
+    )
     assert "u-1" in shown
     assert "credential_hash" not in shown
     assert secret.hex() not in shown
+
+
+def test_an_api_token_identity_is_always_bearer_only() -> None:
+    # A browser request (a cookie next to the token) can never come out as an API client.
+    with pytest.raises(ValueError, match="bearer-only"):
+        Identity("u-1", None, None, bearer_only=False, api_token=True, credential_hash=b"")
+
+
+MARKERS = {
+    "the value": ("api", True),
+    "a list holding it": (["console", "api"], True),
+    "another value": ("session", False),
+    "a prefix of it": ("ap", False),
+    "other case": ("API", False),
+    "with spaces": (" api", False),
+    "absent": (None, False),
+    "empty string": ("", False),
+    "true": (True, False),
+    "a number": (1, False),
+    "an object holding it": ({"api": "api"}, False),
+    "a list without it": (["console"], False),
+    "a nested list holding it": ([["api"]], False),
+    "a space-separated string holding it": ("read api", False),
+}
+
+
+@pytest.mark.parametrize(("value", "expected"), MARKERS.values(), ids=MARKERS.keys())
+def test_marks_api_token(value: object, expected: bool) -> None:
+    assert marks_api_token(value, "api") is expected

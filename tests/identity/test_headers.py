@@ -23,7 +23,7 @@ EMAIL = ("X-Forwarded-Email", "alice@example.com")
 @dataclass(frozen=True)
 class Case:
     lines: tuple[tuple[str, str], ...]
-    expected: tuple[str, str | None, str | None, bool] | None  # user, email, role, via_token
+    expected: tuple[str, str | None, str | None, bool] | None  # user, email, role, bearer_only
     peer_trusted: bool = True
 
 
@@ -50,14 +50,14 @@ CASES = {
         ("u-alice", None, "admin", False),
     ),
     "repeated identical user lines": Case((USER, USER), ("u-alice", None, None, False)),
-    "bearer token is an API client": Case(
+    "bearer token is bearer-only": Case(
         (USER, ("Authorization", "Bearer xyz")), ("u-alice", None, None, True)
     ),
     "bearer plus a console cookie is a browser": Case(
         (USER, ("Authorization", "Bearer xyz"), ("Cookie", "_oauth2_proxy=abc")),
         ("u-alice", None, None, False),
     ),
-    "bearer plus only the sidecar cookie is an API client": Case(
+    "bearer plus only the sidecar cookie is bearer-only": Case(
         (USER, ("Authorization", "Bearer xyz"), ("Cookie", f"{SIDECAR_COOKIE}=s")),
         ("u-alice", None, None, True),
     ),
@@ -77,8 +77,10 @@ async def test_identity_from_headers(case: Case) -> None:
         assert identity is None
     else:
         assert identity is not None
-        got = (identity.user_id, identity.email, identity.role, identity.via_token)
+        got = (identity.user_id, identity.email, identity.role, identity.bearer_only)
         assert got == case.expected
+        # The auth proxy says who, not with which kind of credential: never an API token.
+        assert not identity.api_token
 
 
 AMBIGUOUS = {
@@ -274,7 +276,7 @@ async def test_a_bearer_request_without_the_session_cookie_is_bound_to_its_token
         headers(USER, ("Authorization", "Bearer tok-1")), peer_trusted=True, forwarding=FORWARDING
     )
     assert identity is not None
-    assert identity.via_token
+    assert identity.bearer_only
     other = await binding_of(provider, USER, ("Authorization", "Bearer tok-2"))
     assert identity.credential_hash != other
 

@@ -72,14 +72,14 @@ async def identify(provider: IntrospectProvider, *lines: tuple[str, str]) -> Ide
 @dataclass(frozen=True)
 class Mapped:
     lines: tuple[tuple[str, str], ...]
-    expected: tuple[str, str | None, str | None, bool]  # user_id, email, role, via_token
+    expected: tuple[str, str | None, str | None, bool]  # user_id, email, role, bearer_only
     path: str = "/api/me"
     settings: tuple[tuple[str, str], ...] = ()
 
 
 MAPPING = {
     "session cookie": Mapped(ALICE, ("u-alice", "alice@example.com", "owner", False)),
-    "bearer token is an API client": Mapped(
+    "bearer token is bearer-only": Mapped(
         CAROL_TOKEN, ("u-carol", "carol@example.com", "member", True)
     ),
     "bearer scheme is case-insensitive": Mapped(
@@ -118,7 +118,8 @@ async def test_identity_is_mapped_from_the_answer(
     provider = make_provider(case.path, **dict(case.settings))
     identity = await identify(provider, *case.lines)
     assert identity is not None
-    assert (identity.user_id, identity.email, identity.role, identity.via_token) == case.expected
+    assert (identity.user_id, identity.email, identity.role, identity.bearer_only) == case.expected
+    assert not identity.api_token  # no identity.introspect.api_token configured
     assert len(identity.credential_hash) == 32
 
 
@@ -606,7 +607,7 @@ async def test_a_request_with_only_an_extra_credential_header_is_introspected(
     identity = await identify(make_provider(headers=[API_KEY_HEADER]), *DAVE_KEY)
     assert identity is not None
     # Not a Bearer token: the MFA gate applies to it as to a browser session.
-    assert (identity.user_id, identity.via_token) == ("u-dave", False)
+    assert (identity.user_id, identity.bearer_only) == ("u-dave", False)
     (seen,) = console.received
     assert seen.headers.getall(API_KEY_HEADER) == ["key-dave"]
     assert "Cookie" not in seen.headers
@@ -698,4 +699,70 @@ async def test_a_bearer_token_with_an_extra_credential_header_is_not_an_api_clie
     provider = make_provider(headers=[API_KEY_HEADER])
     identity = await identify(provider, *CAROL_TOKEN, (API_KEY_HEADER, "key-erin"))
     assert identity is not None
-    assert not identity.via_token
+    assert not identity.bearer_only
+
+
+# --- API tokens: identity.introspect.api_token ----------------------------------------------
+
+ALICE_SESSION_AS_BEARER = (("Authorization", "Bearer u-alice"),)
+API_RULE = {"field": "credential", "value": "api_token"}
+
+
+@dataclass(frozen=True)
+class ApiCase:
+    lines: tuple[tuple[str, str], ...]
+    rule: dict[str, str] | None
+    api_token: bool
+
+
+API_CASES = {
+    "the console marks it an API token": ApiCase(CAROL_TOKEN, API_RULE, True),
+    "nested path": ApiCase(CAROL_TOKEN, {"field": "auth.kind", "value": "api_token"}, True),
+    "a list holding the value": ApiCase(
+        CAROL_TOKEN, {"field": "auth.kinds", "value": "api_token"}, True
+    ),
+    "no rule: no API token": ApiCase(CAROL_TOKEN, None, False),
+    "the browser's session token as a bearer token": ApiCase(
+        ALICE_SESSION_AS_BEARER, API_RULE, False
+    ),
+    "missing field": ApiCase(CAROL_TOKEN, {"field": "token_kind", "value": "api_token"}, False),
+    "missing nested field": ApiCase(
+        CAROL_TOKEN, {"field": "auth.kind.name", "value": "api_token"}, False
+    ),
+    "wrong value": ApiCase(CAROL_TOKEN, {"field": "credential", "value": "api"}, False),
+    "value compared exactly": ApiCase(
+        CAROL_TOKEN, {"field": "credential", "value": "API_TOKEN"}, False
+    ),
+    "non-string field": ApiCase(CAROL_TOKEN, {"field": "auth.api", "value": "true"}, False),
+    "an object is no value": ApiCase(CAROL_TOKEN, {"field": "auth", "value": "api_token"}, False),
+    "a console cookie next to the API token": ApiCase((*ALICE, *CAROL_TOKEN), API_RULE, False),
+    "an extra credential header next to the API token": ApiCase(
+        (*CAROL_TOKEN, (API_KEY_HEADER, "key-erin")), API_RULE, False
+    ),
+    "a second, non-Bearer Authorization line": ApiCase(
+        (*CAROL_TOKEN, ("Authorization", "Basic dTpw")), API_RULE, False
+    ),
+}
+
+
+@pytest.mark.parametrize("case", API_CASES.values(), ids=API_CASES.keys())
+async def test_api_tokens_are_what_the_console_marks_on_bearer_only_requests(
+    make_provider: ProviderFactory, case: ApiCase
+) -> None:
+    provider = make_provider(headers=[API_KEY_HEADER], api_token=case.rule)
+    identity = await identify(provider, *case.lines)
+    assert identity is not None
+    assert identity.api_token is case.api_token
+
+
+async def test_a_cached_answer_keeps_its_api_token_verdict_per_credential(
+    make_provider: ProviderFactory, console: StubConsole
+) -> None:
+    provider = make_provider(api_token=API_RULE)
+    for _ in range(2):
+        token = await identify(provider, *CAROL_TOKEN)
+        browser = await identify(provider, *ALICE, *CAROL_TOKEN)
+        assert token is not None
+        assert browser is not None
+        assert (token.api_token, browser.api_token) == (True, False)
+    assert console.count() == 2
