@@ -3,18 +3,21 @@
 The console is the authority on its own sessions, so the sidecar asks it with the caller's
 credentials, in the context the proxied request will carry, and nothing else:
 
-* Credentials: every ``Cookie`` line (one normalised line, as the proxy forwards it, without
-  the sidecar's own session cookie, which the console has no use for; only the cookies named
-  in ``cookies`` when that is set), every ``Authorization`` line, and every line of the extra
-  credential headers in ``headers`` (an API key header, say). A credential header the
-  request's ``Connection`` header names is not one: the proxy drops it (RFC 9110 §7.6.1), so
-  the console never sees it.
+* Credentials: every ``Cookie`` line (one normalised line, exactly as the proxy forwards it,
+  without the sidecar's own session cookie, which the console has no use for), every
+  ``Authorization`` line, and every line of the extra credential headers in ``headers`` (an
+  API key header, say). ``cookies`` names the console's session cookies: they alone bind
+  the sidecar's session, but every cookie is shown to the console (a cookie it logs users
+  in with, "remember me" say, must never pass as anonymous here and as a user there). A
+  credential header the request's ``Connection`` header names is not one: the proxy drops
+  it (RFC 9110 §7.6.1), so the console never sees it.
 * Context, exactly what the proxy sends (:mod:`sidecar.net.forwarding`): the client's
   ``Host`` line as ``Host`` and ``X-Forwarded-Host``, ``X-Forwarded-Proto``, and
   ``X-Forwarded-For`` with the resolved client address. A console that ties a session to a
   host, a scheme or an address therefore answers introspection as it will answer the request.
-* No other header of the caller is forwarded: the console must judge the credentials, not
-  identity headers a client may have written.
+* ``User-Agent``, for consoles that tie a session to the browser. No other header of the
+  caller is forwarded: the console must judge the credentials, not identity headers a client
+  may have written.
 * ``200`` with a JSON object: the user, from ``id_field``, ``email_field``, ``role_field``
   (one key, or a dot path such as ``user.id``). A 200 without a usable id is a
   misconfiguration (wrong field name), not anonymity: :class:`IdentityUnavailable`.
@@ -24,11 +27,13 @@ credentials, in the context the proxied request will carry, and nothing else:
   never an aiohttp message (those can quote the request's headers or the answer's bytes).
 * No credentials at all: anonymous at once, without asking.
 
-Answers (users and anonymous) are cached for ``cache_ttl``, at most ``cache_size`` entries,
-least recently used evicted first; failures are never cached. The cache key covers everything
-that was sent (every credential and the whole forwarding context), so an answer is never
-reused for a request the console could answer differently (another host, another client
-address). Concurrent requests with the same key share one introspection.
+Users are cached for ``cache_ttl``, at most ``cache_size`` entries, least recently used
+evicted first. "Anonymous" and failures are never cached: a console that keeps its session
+id across a login would otherwise see the first requests after the login judged anonymous
+(past the MFA gate) for as long as the answer lived. The cache key covers everything that
+was sent (every credential, the user agent and the whole forwarding context), so an answer
+is never reused for a request the console could answer differently. Concurrent requests with
+the same key share one introspection.
 
 The session binding (``Identity.credential_hash``) covers the credentials only: not the
 client address (users roam between networks; a verification survives it) and not the host
@@ -93,9 +98,11 @@ MAX_ANSWER_BYTES: Final = 1024 * 1024
 class _Question:
     """Everything one introspection sends, and the two hashes derived from it."""
 
-    cookies: list[str]
+    cookies: list[str]  # every console cookie: what the proxy forwards
+    named_cookies: list[str]  # the ones in identity.introspect.cookies (all when unset)
     authorizations: list[str]
     extras: list[tuple[str, str]]  # (configured name, value), every line
+    user_agent: str | None
     forwarding: Forwarding
     #: Cache and single-flight key: every credential and the whole forwarding context.
     key: bytes
@@ -105,7 +112,7 @@ class _Question:
     @property
     def bearer_only(self) -> bool:
         return (
-            not self.cookies
+            not self.named_cookies
             and not self.extras
             and all(bearer_token(line) is not None for line in self.authorizations)
         )
@@ -205,9 +212,17 @@ class IntrospectProvider:
 
     def _question(self, headers: CIMultiDictProxy[str], forwarding: Forwarding) -> _Question | None:
         """What to ask the console for these request headers; None: no credentials."""
-        cookies = console_cookies(
-            headers.getall("Cookie", ()), self._own_cookie, self._settings.cookies or None
+        # Every cookie the proxy will forward is shown to the console (a "remember me" cookie
+        # the console logs users in with must not pass as anonymous here and as a user
+        # there); the named ones alone bind the sidecar's session.
+        cookie_lines = headers.getall("Cookie", ())
+        cookies = console_cookies(cookie_lines, self._own_cookie)
+        named = (
+            console_cookies(cookie_lines, self._own_cookie, self._settings.cookies)
+            if self._settings.cookies
+            else cookies
         )
+        user_agent = headers.get("User-Agent")
         authorizations = [line for line in headers.getall("Authorization", ()) if line.strip()]
         # The proxy drops what Connection names: such a header never reaches the console.
         hop_by_hop = connection_tokens(headers.getall("Connection", ()))
@@ -222,7 +237,8 @@ class IntrospectProvider:
             return None
         extra_lines = [f"{name.lower()}: {value}" for name, value in extras]
         host = [forwarding.host] if forwarding.host else []
-        if not _encodable([*cookies, *authorizations, *extra_lines, *host]):
+        agent = [user_agent] if user_agent else []
+        if not _encodable([*cookies, *authorizations, *extra_lines, *host, *agent]):
             # Bytes that were not UTF-8 on the way in (aiohttp keeps them as surrogates). How
             # an HTTP client re-encodes them varies (dropped, refused), so the console could
             # judge other credentials than the ones the caller sent: fail closed.
@@ -231,14 +247,16 @@ class IntrospectProvider:
         # The binding leaves the sidecar's own cookie out (console_cookies): re-issuing it
         # must not look like a new login. Without extra headers it is the hash of cookies and
         # authorizations alone, as before extra headers existed: upgrading keeps sessions.
-        binding_groups = [cookies, authorizations] + ([extra_lines] if extra_lines else [])
+        binding_groups = [named, authorizations] + ([extra_lines] if extra_lines else [])
         return _Question(
             cookies=cookies,
+            named_cookies=named,
             authorizations=authorizations,
             extras=extras,
+            user_agent=user_agent,
             forwarding=forwarding,
             key=credential_hash(
-                cookies, authorizations, extra_lines, host, [forwarding.proto], client_ip
+                cookies, authorizations, extra_lines, host, [forwarding.proto], client_ip, agent
             ),
             binding=credential_hash(*binding_groups),
         )
@@ -267,7 +285,10 @@ class IntrospectProvider:
 
     def _remember(self, key: bytes, identity: Identity | None) -> None:
         ttl = self._settings.cache_ttl
-        if ttl <= 0:
+        if ttl <= 0 or identity is None:
+            # "Anonymous" is never reused: a console that keeps the session id across a login
+            # would otherwise have the first requests after the login judged anonymous (no
+            # MFA) for as long as the answer was cached.
             return
         self._cache[key] = (self._clock() + ttl, identity)
         self._cache.move_to_end(key)
@@ -287,6 +308,9 @@ class IntrospectProvider:
             request_headers.add("Authorization", line)
         for name, value in question.extras:
             request_headers.add(name, value)
+        if question.user_agent:
+            # A console that ties a session to the browser sees the browser here too.
+            request_headers["User-Agent"] = question.user_agent
         for name, value in question.forwarding.header_lines():
             request_headers[name] = value
         request_headers["Accept"] = "application/json"
