@@ -67,3 +67,26 @@ class Refusal(web.HTTPException):
             content_type="application/json",
             headers={"Cache-Control": "no-store", **(headers or {})},
         )
+
+
+#: What every answer of the sidecar's own (pages, API, refusals) carries: its pages use only
+#: same-origin scripts and styles (no inline script, no eval), may not be framed by anyone
+#: (clickjacking a "Remove passkey" button), and leak no URL (which can hold ``next``) in
+#: ``Referer``.
+OWN_PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+def harden(response: web.StreamResponse) -> web.StreamResponse:
+    """Add ``OWN_PAGE_HEADERS`` (those the handler did not set itself) before it is sent."""
+    if not response.prepared:
+        for name, value in OWN_PAGE_HEADERS.items():
+            response.headers.setdefault(name, value)
+    return response

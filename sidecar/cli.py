@@ -26,7 +26,14 @@ EXIT_CONFIG = 2
 
 def _load(path: str) -> Config | None:
     try:
-        return load_config(path)
+        config = load_config(path)
+        if config.identity.source == "jwt":
+            # The key file and the algorithms are checked together when the provider is
+            # built: a key `run` would refuse must fail check-config too, with the same words.
+            from sidecar.identity.jwt import load_verification_key
+
+            load_verification_key(config.identity.jwt)
+        return config
     except ConfigError as exc:
         print(f"{path}: invalid configuration:", file=sys.stderr)
         for problem in exc.problems:

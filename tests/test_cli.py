@@ -506,3 +506,23 @@ def test_ip_explain_judges_by_the_live_lists_in_the_store(
     out = capsys.readouterr().out
     assert "IP lists from the store" in out
     assert "decision: allowed" in out
+
+
+def test_check_config_and_run_refuse_a_jwt_key_the_provider_would_refuse(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = Fernet.generate_key().decode()
+    path = tmp_path / "jwt.yaml"
+    path.write_text(
+        f"""\
+identity: {{source: jwt, jwt: {{algorithms: [HS256], key: "short"}}}}
+mfa: {{session: {{secret_keys: [{key}]}}}}
+storage: {{encryption_key: {key}}}
+""",
+        encoding="utf-8",
+    )
+    assert main(["check-config", str(path)]) == EXIT_CONFIG
+    check = capsys.readouterr().err
+    assert "identity.jwt.key" in check
+    assert main(["run", "--config", str(path)]) == EXIT_CONFIG
+    assert capsys.readouterr().err == check  # the same words, and no traceback

@@ -25,7 +25,7 @@ from datetime import timedelta
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from sidecar.answers import is_html_navigation, json_error, unavailable
+from sidecar.answers import harden, is_html_navigation, json_error, unavailable
 from sidecar.decision import Decision
 from sidecar.identity.base import is_privileged
 from sidecar.live import LiveSettings
@@ -82,10 +82,13 @@ def mfa_gate_middleware(
             if user is not None:
                 busy[user] = busy.get(user, 0) + 1
             try:
-                return await handler(request)
+                return harden(await handler(request))
+            except web.HTTPException as refusal:
+                harden(refusal)
+                raise
             except StoreUnavailable as exc:
                 # Any sidecar page or API call that needed the store: 503, never a 500.
-                return _store_down(request, str(exc))
+                return harden(_store_down(request, str(exc)))
             finally:
                 if user is not None:
                     busy[user] -= 1
@@ -138,7 +141,7 @@ def mfa_gate_middleware(
         if verdict.decision is Decision.GRACE:
             if navigation and not session_view.grace_shown and verdict.grace_deadline:
                 mark_grace_shown(session)
-                return web.Response(
+                interstitial = web.Response(
                     text=pages.render_grace_interstitial(
                         pages.PageContext(
                             prefix=prefix,
@@ -154,6 +157,7 @@ def mfa_gate_middleware(
                     content_type="text/html",
                     headers={"Cache-Control": "no-store"},
                 )
+                return harden(interstitial)
             return await handler(request)
         page, error = (
             ("setup", _SETUP_ERROR)

@@ -29,6 +29,8 @@ from sidecar.store.base import MfaState, PasskeyRecord, PendingTotp, StoreUnavai
 from sidecar.store.db import LOCK_USER_MFA, Database
 
 _HANDLE_BYTES = 32
+#: Open WebAuthn ceremonies one user may have at once (a page needs one or two).
+MAX_OPEN_CHALLENGES = 5
 #: How long a console session that verified is remembered (for revocation by a reset).
 BINDING_DAYS = 90
 
@@ -501,9 +503,10 @@ class SqlMfa:
         challenge: bytes,
         expires_at: datetime,
     ) -> None:
+        ch = schema.challenges
         async with self._db.transaction(write=True) as conn:
             await conn.execute(
-                schema.challenges.insert().values(
+                ch.insert().values(
                     id=challenge_id,
                     user_key=user_id,
                     session_id=session_id,
@@ -512,6 +515,15 @@ class SqlMfa:
                     expires_at=expires_at,
                 )
             )
+            # A member looping "begin" must not grow the table: only the newest few of a
+            # user's ceremonies stay open (older ones are void, as if they had expired).
+            newest = (
+                select(ch.c.id)
+                .where(ch.c.user_key == user_id)
+                .order_by(ch.c.expires_at.desc(), ch.c.id)
+                .limit(MAX_OPEN_CHALLENGES)
+            )
+            await conn.execute(delete(ch).where(ch.c.user_key == user_id, ch.c.id.not_in(newest)))
 
     async def take_challenge(
         self, challenge_id: str, *, user_id: str, session_id: str, purpose: str, now: datetime

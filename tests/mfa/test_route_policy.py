@@ -167,3 +167,21 @@ async def test_counted_routes_refuse_a_locked_out_user(org: Org) -> None:
         "/mfa/api/verify/totp", {"code": pyotp.TOTP(secret).at(time.time() + 30)}
     )
     assert right.status == 429
+
+
+async def test_every_sidecar_answer_forbids_framing_and_foreign_scripts(org: Org) -> None:
+    """Pages, API answers and refusals alike: a "Remove passkey" button in a frame of another
+    site (clickjacking), an injected inline script or a leaking Referer are all refused by
+    the browser."""
+    member = await org.browser("member")
+    anonymous = await org.browser("nobody")
+    for method, path, _ in declared_routes(org):
+        for browser in (member, anonymous):
+            response = await browser.client.request(
+                method, concrete(path), headers=browser.headers(), allow_redirects=False
+            )
+            csp = response.headers.get("Content-Security-Policy", "")
+            assert "frame-ancestors 'none'" in csp, (method, path, response.status)
+            assert "script-src 'self'" in csp, (method, path)
+            assert response.headers.get("X-Frame-Options") == "DENY", (method, path)
+            assert response.headers.get("Referrer-Policy") == "no-referrer", (method, path)

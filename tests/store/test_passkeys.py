@@ -211,3 +211,17 @@ async def test_concurrent_takes_succeed_once(store: SqlStore, replica: SqlStore)
         *((store, replica)[i % 2].mfa.take_challenge("ch-1", **CHALLENGE, now=T0) for i in range(8))
     )
     assert sum(r is not None for r in results) == 1
+
+
+async def test_only_the_newest_ceremonies_of_a_user_stay_open(store: SqlStore) -> None:
+    for i in range(12):
+        await put(store, f"ch-{i:02d}", expires_at=T0 + timedelta(minutes=5, seconds=i))
+    await put(store, "other", user_id="bob", expires_at=T0 + timedelta(minutes=1))
+    open_ones = [
+        i
+        for i in range(12)
+        if await store.mfa.take_challenge(f"ch-{i:02d}", **CHALLENGE, now=T0) is not None
+    ]
+    assert open_ones == list(range(7, 12))  # the five newest
+    bob = {**CHALLENGE, "user_id": "bob"}
+    assert await store.mfa.take_challenge("other", **bob, now=T0) is not None
