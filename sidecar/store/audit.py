@@ -29,7 +29,7 @@ class SqlAudit:
     ) -> AuditEntry:
         audit = schema.audit
         time = datetime.fromisoformat(chain.canonical_time(time))  # aware UTC, or ValueError
-        async with self._db.transaction(write=True) as conn:
+        async with self._db.transaction(write=True, operation="audit.append") as conn:
             # Read-then-insert must not interleave with another writer: on PostgreSQL the
             # advisory lock serializes appenders; on SQLite this transaction began IMMEDIATE.
             await self._db.lock(conn, LOCK_AUDIT)
@@ -72,12 +72,12 @@ class SqlAudit:
             query = query.where(audit.c.actor == actor)
         if before_seq is not None:
             query = query.where(audit.c.seq < before_seq)
-        async with self._db.transaction(write=False) as conn:
+        async with self._db.transaction(write=False, operation="audit.entries") as conn:
             return [_audit(row) for row in (await conn.execute(query)).mappings()]
 
     async def all(self) -> list[AuditEntry]:
         audit = schema.audit
-        async with self._db.transaction(write=False) as conn:
+        async with self._db.transaction(write=False, operation="audit.all") as conn:
             rows = await conn.execute(select(audit).order_by(audit.c.seq))
             return [_audit(row) for row in rows.mappings()]
 

@@ -32,6 +32,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from sidecar.breaker import CircuitBreaker
 from sidecar.store.base import StoreUnavailable
 
 # Everything a database or its driver raises when it cannot answer: SQLAlchemy's wrapped
@@ -78,6 +79,44 @@ def async_url(url: str | URL) -> URL:
     )
 
 
+class StoreObserver:
+    """What the store reports about itself (the app plugs metrics and logs in); does
+    nothing by default."""
+
+    def store_up(self, up: bool) -> None:
+        """The database became reachable (True) or unreachable (False)."""
+
+    def store_error(self, operation: str, kind: str) -> None:
+        """A transaction of ``operation`` failed: ``unreachable``, ``error`` (the database
+        answered with one) or ``circuit_open`` (failed fast)."""
+
+
+def _unreachable(error: BaseException) -> bool:
+    """Whether the database could not be reached (what opens the breaker), rather than
+    answering a statement with an error."""
+    if isinstance(error, DBAPIError):
+        if error.connection_invalidated:
+            return True
+        error = error.orig if error.orig is not None else error
+    if isinstance(error, sqlite3.OperationalError):
+        # "unable to open database file", "disk I/O error"; not "database is locked" (a busy
+        # writer: the database is there).
+        message = str(error).lower()
+        return "unable to open" in message or "disk i/o" in message
+    return isinstance(
+        error,
+        (
+            OSError,  # refused, unreachable, timed out
+            DisconnectionError,
+            PoolTimeoutError,
+            asyncpg.InterfaceError,
+            asyncpg.PostgresConnectionError,
+            asyncpg.InvalidAuthorizationSpecificationError,
+            asyncpg.TooManyConnectionsError,
+        ),
+    )
+
+
 def describe_error(error: BaseException) -> str:
     """A one-line reason without SQL or parameters (which may hold secrets)."""
     cause = error.orig if isinstance(error, DBAPIError) and error.orig is not None else error
@@ -105,6 +144,8 @@ class Database:
         connect_timeout: float = PG_CONNECT_TIMEOUT,
     ) -> None:
         self._fernet = Fernet(encryption_key)
+        self.observer: StoreObserver = StoreObserver()
+        self.breaker = CircuitBreaker("store", on_change=lambda up: self.observer.store_up(up))
         target = async_url(url)
         self.postgres = target.drivername.startswith("postgresql")
         # Serializes this process's SQLite writers so they queue here instead of polling the
@@ -140,9 +181,20 @@ class Database:
             self._sqlite_write_lock = asyncio.Lock()
 
     @asynccontextmanager
-    async def transaction(self, *, write: bool) -> AsyncIterator[AsyncConnection]:
+    async def transaction(
+        self, *, write: bool, operation: str = "other"
+    ) -> AsyncIterator[AsyncConnection]:
         """One transaction; any database failure inside it becomes ``StoreUnavailable``.
-        Any other exception rolls it back and propagates unchanged."""
+        Any other exception rolls it back and propagates unchanged.
+
+        Behind the circuit breaker: after a failure to reach the database, transactions
+        fail fast (``StoreUnavailable``, no connection attempt) until the backoff allows one
+        probe; ``operation`` names the caller in the error counter."""
+        if not self.breaker.allow():
+            self.observer.store_error(operation, "circuit_open")
+            raise StoreUnavailable(
+                f"database unavailable (retried in {self.breaker.retry_in():.1f}s)"
+            )
         local: AbstractAsyncContextManager[object] = (
             self._sqlite_write_lock
             if write and self._sqlite_write_lock is not None
@@ -152,13 +204,27 @@ class Database:
             async with local, (self._write_engine if write else self.engine).begin() as conn:
                 yield conn
         except DATABASE_ERRORS as error:
+            unreachable = _unreachable(error)
+            if unreachable:
+                self.breaker.failure()
+            else:
+                self.breaker.success()  # it answered: with an error, but it is there
+            self.observer.store_error(operation, "unreachable" if unreachable else "error")
             raise StoreUnavailable(describe_error(error)) from error
         except StatementError as error:
+            self.breaker.success()
             # A value the statement could not take (a naive datetime): the caller's bug,
             # reported as the ValueError it is rather than as a database failure.
             if isinstance(error.orig, ValueError):
                 raise error.orig from None
             raise
+        except BaseException:
+            # Not the database's doing (a refused reservation, a cancelled request): if this
+            # call was the probe, let another go.
+            self.breaker.release()
+            raise
+        else:
+            self.breaker.success()
 
     def insert(self, table: Table) -> postgresql.Insert | sqlite.Insert:
         """The dialect's INSERT, which carries ``on_conflict_do_*``."""

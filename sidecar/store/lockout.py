@@ -39,7 +39,7 @@ class SqlLockout:
         if not keys:
             return LockoutStatus(locked_until=None, failures=0)
         lockout = schema.lockout
-        async with self._db.transaction(write=False) as conn:
+        async with self._db.transaction(write=False, operation="lockout.status") as conn:
             rows = (
                 await conn.execute(select(lockout).where(lockout.c.key.in_(sorted(set(keys)))))
             ).all()
@@ -69,7 +69,7 @@ class SqlLockout:
         )
         reserved: list[ReservedKey] = []
         try:
-            async with self._db.transaction(write=True) as conn:
+            async with self._db.transaction(write=True, operation="lockout.reserve") as conn:
                 # Keys in a fixed order, so that concurrent callers on PostgreSQL take the
                 # row locks in the same order (no deadlock).
                 for key in sorted(limits):
@@ -133,7 +133,7 @@ class SqlLockout:
         if not reservation.reserved:
             return
         lockout = schema.lockout
-        async with self._db.transaction(write=True) as conn:
+        async with self._db.transaction(write=True, operation="lockout.release") as conn:
             for reserved in sorted(reservation.keys, key=lambda k: k.key):
                 remaining = lockout.c.failures - 1
                 await conn.execute(
@@ -156,7 +156,7 @@ class SqlLockout:
         """Why a reservation was refused: the ban, or (a limit lowered by a reload below a
         running count) the end of the window holding the full count."""
         lockout = schema.lockout
-        async with self._db.transaction(write=False) as conn:
+        async with self._db.transaction(write=False, operation="lockout.refusal") as conn:
             rows = (
                 await conn.execute(select(lockout).where(lockout.c.key.in_(sorted(limits))))
             ).all()
@@ -171,7 +171,7 @@ class SqlLockout:
         # on them): prune them, in a transaction of their own (no lock interleaving with the
         # upserts), so the table does not grow with every address that ever failed once.
         lockout = schema.lockout
-        async with self._db.transaction(write=True) as conn:
+        async with self._db.transaction(write=True, operation="lockout.prune") as conn:
             await conn.execute(
                 delete(lockout).where(
                     lockout.c.window_end <= now,

@@ -131,7 +131,7 @@ class SqlMfa:
             .scalar_subquery(),
             select(u.c.mfa_generation).where(u.c.user_key == user_id).scalar_subquery(),
         )
-        async with self._db.transaction(write=False) as conn:
+        async with self._db.transaction(write=False, operation="mfa.state") as conn:
             has_totp, passkeys, codes, generation = (await conn.execute(query)).one()
         return MfaState(
             totp=bool(has_totp),
@@ -143,11 +143,11 @@ class SqlMfa:
     async def enrolled_users(self) -> set[str]:
         t, p = schema.totp, schema.passkeys
         query = union(select(t.c.user_key), select(p.c.user_key))
-        async with self._db.transaction(write=False) as conn:
+        async with self._db.transaction(write=False, operation="mfa.enrolled_users") as conn:
             return {row[0] for row in await conn.execute(query)}
 
     async def reset(self, user_id: str) -> tuple[bool, int]:
-        async with self._db.transaction(write=True) as conn:
+        async with self._db.transaction(write=True, operation="mfa.reset") as conn:
             await self._db.lock(conn, LOCK_USER_MFA, user_id)
             # The generation moves first: from here on no session verified before the reset
             # counts, and no conditional change begun before it can commit after it.
@@ -176,7 +176,7 @@ class SqlMfa:
             index_elements=[vb.c.user_key, vb.c.binding],
             set_={"last_verified": stmt.excluded.last_verified},
         )
-        async with self._db.transaction(write=True) as conn:
+        async with self._db.transaction(write=True, operation="mfa.record_binding") as conn:
             await conn.execute(stmt)
             await conn.execute(
                 delete(vb).where(
@@ -186,7 +186,7 @@ class SqlMfa:
             )
 
     async def binding_revoked(self, user_id: str, binding: str) -> bool:
-        async with self._db.transaction(write=False) as conn:
+        async with self._db.transaction(write=False, operation="mfa.binding_revoked") as conn:
             return await self._revoked(conn, user_id, binding)
 
     # --- TOTP ------------------------------------------------------------------------------
@@ -209,12 +209,12 @@ class SqlMfa:
                 "created_at": stmt.excluded.created_at,
             },
         )
-        async with self._db.transaction(write=True) as conn:
+        async with self._db.transaction(write=True, operation="mfa.begin_totp") as conn:
             await conn.execute(stmt)
 
     async def pending_totp(self, user_id: str) -> PendingTotp | None:
         pending = schema.pending_totp
-        async with self._db.transaction(write=False) as conn:
+        async with self._db.transaction(write=False, operation="mfa.pending_totp") as conn:
             row = (
                 await conn.execute(select(pending).where(pending.c.user_key == user_id))
             ).one_or_none()
@@ -235,7 +235,7 @@ class SqlMfa:
         binding: str | None = None,
     ) -> int | None:
         pending, totp = schema.pending_totp, schema.totp
-        async with self._db.transaction(write=True) as conn:
+        async with self._db.transaction(write=True, operation="mfa.confirm_totp") as conn:
             generation = await self._holds(conn, user_id, expected_generation, binding)
             if generation is None:
                 return None
@@ -270,7 +270,7 @@ class SqlMfa:
 
     async def totp(self, user_id: str) -> TotpRecord | None:
         totp = schema.totp
-        async with self._db.transaction(write=False) as conn:
+        async with self._db.transaction(write=False, operation="mfa.totp") as conn:
             row = (
                 (await conn.execute(select(totp).where(totp.c.user_key == user_id)))
                 .mappings()
@@ -295,13 +295,13 @@ class SqlMfa:
             )
             .values(last_step=step, last_used_at=now)
         )
-        async with self._db.transaction(write=True) as conn:
+        async with self._db.transaction(write=True, operation="mfa.accept_totp_step") as conn:
             if (await conn.execute(stmt)).rowcount != 1:
                 return None
             return await self._generation(conn, user_id)
 
     async def remove_totp(self, user_id: str, *, expected_generation: int) -> int | None:
-        async with self._db.transaction(write=True) as conn:
+        async with self._db.transaction(write=True, operation="mfa.remove_totp") as conn:
             if await self._holds(conn, user_id, expected_generation) is None:
                 return None
             totp = schema.totp
@@ -316,7 +316,7 @@ class SqlMfa:
         self, record: PasskeyRecord, *, expected_generation: int | None, binding: str | None = None
     ) -> int | None:
         passkeys = schema.passkeys
-        async with self._db.transaction(write=True) as conn:
+        async with self._db.transaction(write=True, operation="mfa.add_passkey") as conn:
             generation = await self._holds(conn, record.user_id, expected_generation, binding)
             if generation is None:
                 return None
@@ -351,13 +351,13 @@ class SqlMfa:
             .where(passkeys.c.user_key == user_id)
             .order_by(passkeys.c.created_at, passkeys.c.credential_id)
         )
-        async with self._db.transaction(write=False) as conn:
+        async with self._db.transaction(write=False, operation="mfa.passkeys") as conn:
             return [_passkey(row) for row in (await conn.execute(query)).mappings()]
 
     async def passkey(self, credential_id: bytes) -> PasskeyRecord | None:
         passkeys = schema.passkeys
         query = select(passkeys).where(passkeys.c.credential_id == credential_id)
-        async with self._db.transaction(write=False) as conn:
+        async with self._db.transaction(write=False, operation="mfa.passkey") as conn:
             row = (await conn.execute(query)).mappings().one_or_none()
         return None if row is None else _passkey(row)
 
@@ -380,7 +380,7 @@ class SqlMfa:
             .values(sign_count=new_sign_count, backup_state=backup_state, last_used_at=now)
             .returning(passkeys.c.user_key)
         )
-        async with self._db.transaction(write=True) as conn:
+        async with self._db.transaction(write=True, operation="mfa.record_passkey_use") as conn:
             owner: str | None = (await conn.execute(stmt)).scalar_one_or_none()
             if owner is None:
                 return None
@@ -393,7 +393,7 @@ class SqlMfa:
         stmt = delete(passkeys).where(
             passkeys.c.user_key == user_id, passkeys.c.credential_id == credential_id
         )
-        async with self._db.transaction(write=True) as conn:
+        async with self._db.transaction(write=True, operation="mfa.remove_passkey") as conn:
             if await self._holds(conn, user_id, expected_generation) is None:
                 return None
             if (await conn.execute(stmt)).rowcount != 1:
@@ -408,7 +408,7 @@ class SqlMfa:
             .where(passkeys.c.user_key == user_id, passkeys.c.credential_id == credential_id)
             .values(name=name)
         )
-        async with self._db.transaction(write=True) as conn:
+        async with self._db.transaction(write=True, operation="mfa.rename_passkey") as conn:
             return (await conn.execute(stmt)).rowcount == 1
 
     # --- recovery codes --------------------------------------------------------------------
@@ -418,7 +418,7 @@ class SqlMfa:
     ) -> bool:
         codes = schema.recovery_codes
         unique = list(dict.fromkeys(code_hashes))
-        async with self._db.transaction(write=True) as conn:
+        async with self._db.transaction(write=True, operation="mfa.replace_recovery_codes") as conn:
             # Under the user's lock: two concurrent regenerations never leave both sets valid.
             if await self._holds(conn, user_id, expected_generation) is None:
                 return False
@@ -444,7 +444,7 @@ class SqlMfa:
             )
             .values(used_at=now)
         )
-        async with self._db.transaction(write=True) as conn:
+        async with self._db.transaction(write=True, operation="mfa.use_recovery_code") as conn:
             if (await conn.execute(stmt)).rowcount != 1:
                 return None
             return await self._generation(conn, user_id)
@@ -456,7 +456,7 @@ class SqlMfa:
             .select_from(codes)
             .where(codes.c.user_key == user_id, codes.c.used_at.is_(None))
         )
-        async with self._db.transaction(write=False) as conn:
+        async with self._db.transaction(write=False, operation="mfa.recovery_codes_left") as conn:
             return int((await conn.execute(query)).scalar_one())
 
     # --- WebAuthn --------------------------------------------------------------------------
@@ -464,7 +464,7 @@ class SqlMfa:
     async def user_handle(self, user_id: str) -> bytes:
         mfa = schema.user_mfa
         query = select(mfa.c.webauthn_handle).where(mfa.c.user_key == user_id)
-        async with self._db.transaction(write=False) as conn:
+        async with self._db.transaction(write=False, operation="mfa.user_handle") as conn:
             handle: bytes | None = (await conn.execute(query)).scalar_one_or_none()
         if handle is not None:
             return bytes(handle)
@@ -481,13 +481,13 @@ class SqlMfa:
                 )
             },
         ).returning(mfa.c.webauthn_handle)
-        async with self._db.transaction(write=True) as conn:
+        async with self._db.transaction(write=True, operation="mfa.user_handle") as conn:
             created: bytes = (await conn.execute(upsert)).scalar_one()
         return bytes(created)
 
     async def user_for_handle(self, handle: bytes) -> str | None:
         mfa = schema.user_mfa
-        async with self._db.transaction(write=False) as conn:
+        async with self._db.transaction(write=False, operation="mfa.user_for_handle") as conn:
             found: str | None = (
                 await conn.execute(select(mfa.c.user_key).where(mfa.c.webauthn_handle == handle))
             ).scalar_one_or_none()
@@ -504,7 +504,7 @@ class SqlMfa:
         expires_at: datetime,
     ) -> None:
         ch = schema.challenges
-        async with self._db.transaction(write=True) as conn:
+        async with self._db.transaction(write=True, operation="mfa.put_challenge") as conn:
             await conn.execute(
                 ch.insert().values(
                     id=challenge_id,
@@ -531,7 +531,7 @@ class SqlMfa:
         ch = schema.challenges
         # Housekeeping first, in its own transaction, so that a failure here cannot lose a
         # challenge already taken below.
-        async with self._db.transaction(write=True) as conn:
+        async with self._db.transaction(write=True, operation="mfa.take_challenge") as conn:
             await conn.execute(delete(ch).where(ch.c.expires_at <= now))
         stmt = (
             delete(ch)
@@ -544,7 +544,7 @@ class SqlMfa:
             )
             .returning(ch.c.challenge)
         )
-        async with self._db.transaction(write=True) as conn:
+        async with self._db.transaction(write=True, operation="mfa.take_challenge") as conn:
             taken: bytes | None = (await conn.execute(stmt)).scalar_one_or_none()
         return None if taken is None else bytes(taken)
 

@@ -23,7 +23,7 @@ class SqlSettings:
 
     async def current(self) -> SecuritySettings | None:
         table = schema.security_settings
-        async with self._db.transaction(write=False) as conn:
+        async with self._db.transaction(write=False, operation="settings.current") as conn:
             row = (
                 (await conn.execute(select(table).where(table.c.id == _SETTINGS_ID)))
                 .mappings()
@@ -43,7 +43,7 @@ class SqlSettings:
 
     async def version(self) -> int:
         table = schema.security_settings
-        async with self._db.transaction(write=False) as conn:
+        async with self._db.transaction(write=False, operation="settings.version") as conn:
             version: int | None = (
                 await conn.execute(select(table.c.version).where(table.c.id == _SETTINGS_ID))
             ).scalar_one_or_none()
@@ -80,7 +80,7 @@ class SqlSettings:
                 .values(**values)
             )
         grace = schema.grace
-        async with self._db.transaction(write=True) as conn:
+        async with self._db.transaction(write=True, operation="settings.save") as conn:
             if (await conn.execute(stmt)).rowcount != 1:
                 return None
             users = list(dict.fromkeys(restart_grace))

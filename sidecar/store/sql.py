@@ -66,7 +66,7 @@ class SqlStore:
             # create the folder. When that fails, the connect below reports why.
             with suppress(OSError):
                 self._db.sqlite_file.parent.mkdir(parents=True, exist_ok=True)
-        async with self._db.transaction(write=True) as conn:
+        async with self._db.transaction(write=True, operation="store.migrate") as conn:
             await self._db.lock(conn, LOCK_MIGRATE)
             await conn.run_sync(lambda sync: schema.schema_version.create(sync, checkfirst=True))
             current = (
@@ -91,7 +91,7 @@ class SqlStore:
 
     async def schema_version(self) -> int:
         """The highest migration applied (0 on an empty database)."""
-        async with self._db.transaction(write=False) as conn:
+        async with self._db.transaction(write=False, operation="store.schema_version") as conn:
             exists = await conn.run_sync(
                 lambda sync: sync.dialect.has_table(sync, schema.schema_version.name)
             )
@@ -103,7 +103,7 @@ class SqlStore:
             return version or 0
 
     async def ping(self) -> None:
-        async with self._db.transaction(write=False) as conn:
+        async with self._db.transaction(write=False, operation="store.ping") as conn:
             await conn.execute(select(literal(1)))
 
     @property

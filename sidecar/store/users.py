@@ -35,7 +35,7 @@ class SqlUsers:
                 ),
             },
         )
-        async with self._db.transaction(write=True) as conn:
+        async with self._db.transaction(write=True, operation="users.touch") as conn:
             await conn.execute(upsert)
             row = (
                 (await conn.execute(_users_query().where(users.c.user_key == user_id)))
@@ -45,14 +45,14 @@ class SqlUsers:
         return _user(row)
 
     async def all(self) -> list[UserRecord]:
-        async with self._db.transaction(write=False) as conn:
+        async with self._db.transaction(write=False, operation="users.all") as conn:
             rows = await conn.execute(_users_query().order_by(schema.users.c.user_key))
             return [_user(row) for row in rows.mappings()]
 
     async def grace_started(self, user_id: str, now: datetime) -> datetime:
         grace = schema.grace
         query = select(grace.c.started_at).where(grace.c.user_key == user_id)
-        async with self._db.transaction(write=False) as conn:
+        async with self._db.transaction(write=False, operation="users.grace_started") as conn:
             started: datetime | None = (await conn.execute(query)).scalar_one_or_none()
         if started is not None:
             return started
@@ -61,7 +61,7 @@ class SqlUsers:
             .values(user_key=user_id, started_at=now)
             .on_conflict_do_nothing(index_elements=[grace.c.user_key])
         )
-        async with self._db.transaction(write=True) as conn:
+        async with self._db.transaction(write=True, operation="users.grace_started") as conn:
             await conn.execute(insert)
             # A concurrent first call may have won the insert: everyone reads the winner's.
             won: datetime = (await conn.execute(query)).scalar_one()
@@ -69,13 +69,13 @@ class SqlUsers:
 
     async def grace_starts(self) -> dict[str, datetime]:
         grace = schema.grace
-        async with self._db.transaction(write=False) as conn:
+        async with self._db.transaction(write=False, operation="users.grace_starts") as conn:
             rows = await conn.execute(select(grace.c.user_key, grace.c.started_at))
             return {row.user_key: row.started_at for row in rows}
 
     async def rekeyed(self) -> list[RekeyedUser]:
         table = schema.rekeyed_users
-        async with self._db.transaction(write=False) as conn:
+        async with self._db.transaction(write=False, operation="users.rekeyed") as conn:
             rows = await conn.execute(select(table).order_by(table.c.old_key))
             return [RekeyedUser(r.old_key, r.new_id, r.rekeyed_at) for r in rows]
 
