@@ -394,20 +394,68 @@ def test_alert_expression_on_synthetic_series(
 # --- dashboard -----------------------------------------------------------------------------
 
 
+# Every query runs on the data source picked in this variable: file provisioning and the
+# Grafana operator load the JSON as it is (they never fill `__inputs` placeholders such as
+# ${DS_PROMETHEUS}, which then name no data source), and the UI import asks nothing.
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+# Grafana's own annotation source ("Annotations & Alerts"), built into every dashboard.
+GRAFANA_BUILTIN = {"type": "grafana", "uid": "-- Grafana --"}
+
+
+def _datasource_references(node: object, where: str = "") -> Iterator[tuple[str, object]]:
+    """Every ``"datasource"`` value anywhere in the dashboard, with where it is."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "datasource":
+                yield where, value
+            yield from _datasource_references(value, f"{where}/{node.get('title', key)}")
+    elif isinstance(node, list):
+        for item in node:
+            yield from _datasource_references(item, where)
+
+
 def test_dashboard_is_importable() -> None:
     dashboard = _dashboard()
     assert 36 <= dashboard["schemaVersion"] <= 41
-    assert [i["name"] for i in dashboard["__inputs"]] == ["DS_PROMETHEUS"]
     panels = list(_dashboard_panels())
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     for panel in panels:
+        if panel["type"] != "row":
+            assert panel["targets"], panel["title"]
+
+
+def test_dashboard_runs_on_the_datasource_variable() -> None:
+    dashboard = _dashboard()
+    variables = dashboard["templating"]["list"]
+    pickers = [v for v in variables if v["type"] == "datasource"]
+    assert [(v["name"], v["query"]) for v in pickers] == [("datasource", "prometheus")]
+    # First, so that the job and instance variables' queries can run on it.
+    assert variables[0] is pickers[0]
+    # Nothing preset: Grafana picks the default Prometheus data source of wherever it lands.
+    assert not pickers[0].get("current")
+    for variable in variables:
+        if variable["type"] == "query":
+            assert variable["datasource"] == DATASOURCE, variable["name"]
+    for panel in _dashboard_panels():
         if panel["type"] == "row":
             continue
-        assert panel["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
-        assert panel["targets"], panel["title"]
+        assert panel["datasource"] == DATASOURCE, panel["title"]
         for target in panel["targets"]:
-            assert target["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
+            assert target["datasource"] == DATASOURCE, panel["title"]
+
+
+def test_dashboard_names_no_datasource_of_its_own() -> None:
+    """No hard-coded data source uid and no import-time placeholder anywhere in the JSON."""
+    dashboard = _dashboard()
+    assert "__inputs" not in dashboard
+    assert "${DS_" not in DASHBOARD.read_text()
+    wrong = [
+        f"{where}: {ref}"
+        for where, ref in _datasource_references(dashboard)
+        if ref not in (DATASOURCE, GRAFANA_BUILTIN)
+    ]
+    assert not wrong, wrong
 
 
 def test_dashboard_covers_every_metric_in_the_design() -> None:
