@@ -14,13 +14,16 @@ import re
 import shlex
 import shutil
 import subprocess
+import tomllib
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from cryptography.fernet import Fernet
+from packaging.requirements import Requirement
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.app import METRICS, build_admin_app, build_app
@@ -866,9 +869,134 @@ def test_dockerfile_installs_from_the_repository() -> None:
                 assert (ROOT / source).exists(), source
         if word == "RUN" and "apt-get install" in args:
             assert "rm -rf /var/lib/apt/lists" in args, "apt lists left in the image"
-    runs = " ".join(args for word, args in instructions if word == "RUN")
-    assert 'pip install --no-cache-dir ".[speed]"' in runs
     assert "sidecar" in (ROOT / "pyproject.toml").read_text().split("[project.scripts]")[1]
+
+
+# --- locked inputs: base image digest, Python packages by hash ----------------------------
+
+LOCK = DEPLOY / "requirements.lock"
+BUILD_LOCK = DEPLOY / "build-requirements.lock"
+PINNED_BASE = re.compile(r"python:3\.11-slim-bookworm@sha256:[0-9a-f]{64}")
+# What pip-compile writes under a package for the requirements read from pyproject.toml.
+VIA_PROJECT = "sidecar (pyproject.toml)"
+VIA_BUILD_SYSTEM = "sidecar (pyproject.toml::build-system.requires)"
+
+
+@dataclass(frozen=True)
+class Locked:
+    version: str
+    hashes: list[str]
+    via: list[str]
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _lock(path: Path) -> dict[str, Locked]:
+    """pip-compile's output: each ``name==version \\`` line, its ``--hash=`` lines and its
+    ``# via`` comment (one line, or one name per ``#   `` line after it)."""
+    entries: dict[str, Locked] = {}
+    current: Locked | None = None
+    for line in path.read_text().splitlines():
+        text = line.strip().removesuffix("\\").strip()
+        if re.match(r"[A-Za-z0-9]", line):
+            name, _, version = text.partition("==")
+            current = entries[_canonical(name)] = Locked(version, [], [])
+        elif current is None or not line.startswith(" "):
+            current = None  # the header, or a comment between entries
+        elif text.startswith("--hash="):
+            current.hashes.append(text.removeprefix("--hash="))
+        elif text.startswith("# via"):
+            current.via.extend(filter(None, [text.removeprefix("# via").strip()]))
+        elif text.startswith("#   "):
+            current.via.append(text.removeprefix("#").strip())
+    return entries
+
+
+def _pyproject() -> dict[str, Any]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _check_lock(path: Path, requirements: list[str], root: str) -> None:
+    """The lock pins exactly what ``requirements`` need, each release with its hashes."""
+    locked = _lock(path)
+    for name, entry in locked.items():
+        assert re.fullmatch(r"\d[\w.+!]*", entry.version), f"{name}: not pinned with =="
+        assert entry.hashes, f"{name}: no --hash (pip --require-hashes refuses the lock)"
+        assert all(re.fullmatch(r"sha256:[0-9a-f]{64}", h) for h in entry.hashes), name
+    wanted = {_canonical(Requirement(r).name): Requirement(r) for r in requirements}
+    direct = {name for name, entry in locked.items() if root in entry.via}
+    assert direct == set(wanted), f"{path.name} was compiled from other requirements"
+    for name, requirement in wanted.items():
+        assert requirement.specifier.contains(locked[name].version, prereleases=True), (
+            f"{name} {locked[name].version} is outside {requirement.specifier}"
+        )
+    # Everything else is there because a locked package depends on it.
+    reachable, frontier = set(direct), set(direct)
+    while frontier:
+        frontier = {
+            name
+            for name, entry in locked.items()
+            if name not in reachable and frontier & {_canonical(v) for v in entry.via}
+        }
+        reachable |= frontier
+    assert reachable == set(locked), f"nothing needs {sorted(set(locked) - reachable)}"
+
+
+def test_requirements_lock_covers_exactly_the_runtime_dependencies() -> None:
+    """The image gets pyproject.toml's dependencies and the `speed` extra (uvloop), as the
+    Dockerfile always installed, each at a version pyproject allows, and nothing else: not
+    the test tools, not a package left over from a dependency since dropped."""
+    project = _pyproject()["project"]
+    requirements = project["dependencies"] + project["optional-dependencies"]["speed"]
+    _check_lock(LOCK, requirements, VIA_PROJECT)
+
+
+def test_build_lock_covers_the_build_backend() -> None:
+    _check_lock(BUILD_LOCK, _pyproject()["build-system"]["requires"], VIA_BUILD_SYSTEM)
+
+
+def test_lock_commands_are_documented() -> None:
+    """Whoever changes a dependency finds in deploy/README.md the command that wrote the lock."""
+    readme = (DEPLOY / "README.md").read_text()
+    for path in (LOCK, BUILD_LOCK):
+        command = re.search(r"^#    (pip-compile .*)$", path.read_text(), re.MULTILINE)
+        assert command, f"{path.name} has no pip-compile header"
+        assert command.group(1) in readme, f"{path.name}: its command is not in the README"
+        assert f"--output-file={path.relative_to(ROOT)}" in command.group(1)
+
+
+def test_dockerfile_builds_from_pinned_inputs() -> None:
+    instructions = _dockerfile()
+    bases = [args.split()[0] for word, args in instructions if word == "FROM"]
+    assert len(bases) == 2, bases
+    assert all(PINNED_BASE.fullmatch(base) for base in bases), f"not pinned by digest: {bases}"
+    assert len(set(bases)) == 1, "both stages must use the same base image"
+    commands = [
+        shlex.split(command)
+        for word, args in instructions
+        if word == "RUN"
+        for command in args.split("&&")
+    ]
+    installs = [c for c in commands if "install" in c and Path(c[0]).name == "pip"]
+    hashed = [c for c in installs if "--require-hashes" in c]
+    # Every package from a lock, checked against its hashes, none built from source...
+    assert sorted(c[c.index("-r") + 1] for c in hashed) == sorted(
+        str(p.relative_to(ROOT)) for p in (LOCK, BUILD_LOCK)
+    )
+    assert all("--only-binary=:all:" in c for c in hashed)
+    # ...except the sidecar's own wheel, built here with the locked setuptools (an isolated
+    # build would fetch an unpinned one) and installed without dependencies.
+    (own,) = [c for c in installs if c not in hashed]
+    assert "--no-deps" in own
+    assert Path(own[-1]).name.startswith("sidecar-")
+    (wheel,) = [c for c in commands if "wheel" in c and Path(c[0]).name == "pip"]
+    assert {"--no-deps", "--no-build-isolation"} <= set(wheel)
+    # A dependency in pyproject.toml that the lock lacks fails the build.
+    assert any(Path(c[0]).name == "pip" and c[1:] == ["check"] for c in commands)
+    copied = " ".join(args for word, args in instructions if word == "COPY")
+    assert all(str(p.relative_to(ROOT)) in copied for p in (LOCK, BUILD_LOCK))
 
 
 def test_deploy_readme_documents_the_build() -> None:
