@@ -10,21 +10,26 @@ checked against ``build_admin_app`` and the configuration they run with.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import tomllib
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from cryptography.fernet import Fernet
+from packaging.requirements import Requirement
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.app import METRICS, build_admin_app, build_app
-from sidecar.config import Config, parse_config
+from sidecar.cli import EXIT_CONFIG, main
+from sidecar.config import Config, ConfigError, parse_config
 from tests.conftest import make_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -394,20 +399,68 @@ def test_alert_expression_on_synthetic_series(
 # --- dashboard -----------------------------------------------------------------------------
 
 
+# Every query runs on the data source picked in this variable: file provisioning and the
+# Grafana operator load the JSON as it is (they never fill `__inputs` placeholders such as
+# ${DS_PROMETHEUS}, which then name no data source), and the UI import asks nothing.
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+# Grafana's own annotation source ("Annotations & Alerts"), built into every dashboard.
+GRAFANA_BUILTIN = {"type": "grafana", "uid": "-- Grafana --"}
+
+
+def _datasource_references(node: object, where: str = "") -> Iterator[tuple[str, object]]:
+    """Every ``"datasource"`` value anywhere in the dashboard, with where it is."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "datasource":
+                yield where, value
+            yield from _datasource_references(value, f"{where}/{node.get('title', key)}")
+    elif isinstance(node, list):
+        for item in node:
+            yield from _datasource_references(item, where)
+
+
 def test_dashboard_is_importable() -> None:
     dashboard = _dashboard()
     assert 36 <= dashboard["schemaVersion"] <= 41
-    assert [i["name"] for i in dashboard["__inputs"]] == ["DS_PROMETHEUS"]
     panels = list(_dashboard_panels())
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     for panel in panels:
+        if panel["type"] != "row":
+            assert panel["targets"], panel["title"]
+
+
+def test_dashboard_runs_on_the_datasource_variable() -> None:
+    dashboard = _dashboard()
+    variables = dashboard["templating"]["list"]
+    pickers = [v for v in variables if v["type"] == "datasource"]
+    assert [(v["name"], v["query"]) for v in pickers] == [("datasource", "prometheus")]
+    # First, so that the job and instance variables' queries can run on it.
+    assert variables[0] is pickers[0]
+    # Nothing preset: Grafana picks the default Prometheus data source of wherever it lands.
+    assert not pickers[0].get("current")
+    for variable in variables:
+        if variable["type"] == "query":
+            assert variable["datasource"] == DATASOURCE, variable["name"]
+    for panel in _dashboard_panels():
         if panel["type"] == "row":
             continue
-        assert panel["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
-        assert panel["targets"], panel["title"]
+        assert panel["datasource"] == DATASOURCE, panel["title"]
         for target in panel["targets"]:
-            assert target["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
+            assert target["datasource"] == DATASOURCE, panel["title"]
+
+
+def test_dashboard_names_no_datasource_of_its_own() -> None:
+    """No hard-coded data source uid and no import-time placeholder anywhere in the JSON."""
+    dashboard = _dashboard()
+    assert "__inputs" not in dashboard
+    assert "${DS_" not in DASHBOARD.read_text()
+    wrong = [
+        f"{where}: {ref}"
+        for where, ref in _datasource_references(dashboard)
+        if ref not in (DATASOURCE, GRAFANA_BUILTIN)
+    ]
+    assert not wrong, wrong
 
 
 def test_dashboard_covers_every_metric_in_the_design() -> None:
@@ -457,13 +510,34 @@ def test_yaml_parses(path: Path) -> None:
 
 # --- Kubernetes ----------------------------------------------------------------------------
 
+K8S_BASE = K8S / "base"
+SERVICEMONITOR = K8S / "components" / "servicemonitor"
+EXAMPLE_OVERLAY = K8S / "overlays" / "example"
+SCRAPE = DEPLOY / "prometheus" / "scrape.yml"
+# network.trusted_proxies in the ConfigMap until the operator fills it in: not a CIDR.
+TRUSTED_PROXIES_PLACEHOLDER = "REPLACE-with-your-ingress-controller-CIDR"
+
+
+def _kustomization(directory: Path) -> dict[str, Any]:
+    kustomization: dict[str, Any] = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    return kustomization
+
+
+def _manifests(directory: Path) -> list[dict[str, Any]]:
+    """The objects in a kustomization's own files (the directories it builds on aside)."""
+    return [
+        doc
+        for name in _kustomization(directory)["resources"]
+        if (directory / name).is_file()
+        for doc in _yaml_documents(directory / name)
+    ]
+
 
 def _k8s_objects() -> dict[tuple[str, str], dict[str, Any]]:
+    """The base's objects, the ServiceMonitor component's and the example overlay's Secret."""
     objects: dict[tuple[str, str], dict[str, Any]] = {}
-    for path in sorted(K8S.glob("*.yaml")):
-        if path.name == "kustomization.yaml":
-            continue
-        for doc in _yaml_documents(path):
+    for directory in (K8S_BASE, SERVICEMONITOR, EXAMPLE_OVERLAY):
+        for doc in _manifests(directory):
             objects[(doc["kind"], doc["metadata"]["name"])] = doc
     return objects
 
@@ -486,8 +560,16 @@ def _container_port(container: Mapping[str, Any], port: int | str) -> int:
     raise AssertionError(f"{container['name']} declares no port {port!r}")
 
 
-def _configmap_config(env: Mapping[str, str]) -> Config:
-    raw = yaml.safe_load(_one("ConfigMap")["data"]["config.yaml"])
+def _configmap_yaml() -> str:
+    text: str = _one("ConfigMap")["data"]["config.yaml"]
+    return text
+
+
+def _configmap_config(env: Mapping[str, str], trusted_proxies: str = "10.0.0.0/24") -> Config:
+    """The ConfigMap's configuration as an operator completes it (trusted proxies filled in)."""
+    text = _configmap_yaml()
+    assert TRUSTED_PROXIES_PLACEHOLDER in text
+    raw = yaml.safe_load(text.replace(TRUSTED_PROXIES_PLACEHOLDER, trusted_proxies))
     return parse_config(raw, env=env)
 
 
@@ -495,24 +577,79 @@ def _k8s_env() -> dict[str, str]:
     return _secrets_env(SIDECAR_STORAGE_URL="postgresql://sidecar:pw@postgres:5432/sidecar")
 
 
-def test_kustomization_lists_every_manifest() -> None:
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    optional = {"servicemonitor.yaml"}  # needs the prometheus-operator's CRDs
-    assert set(kustomization["resources"]) == manifests - optional
-    assert all(name in (K8S / "kustomization.yaml").read_text() for name in optional)
+def _secret_refs() -> dict[str, tuple[str, str]]:
+    """The sidecar's environment variables read from a Secret: name -> (Secret, key)."""
+    refs = {}
+    for variable in _containers()["sidecar"]["env"]:
+        ref = variable.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            refs[variable["name"]] = (ref["name"], ref["key"])
+    return refs
 
 
-def test_kustomize_builds() -> None:
+def _kustomize(directory: Path) -> list[dict[str, Any]]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed (it builds kustomizations offline)")
     result = subprocess.run(
-        [kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60
+        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
-    kinds = {doc["kind"] for doc in yaml.safe_load_all(result.stdout) if doc}
-    assert {"Deployment", "Service", "ConfigMap", "Secret", "PodDisruptionBudget"} <= kinds
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def test_every_kustomization_lists_its_manifests() -> None:
+    for directory in (K8S_BASE, SERVICEMONITOR, EXAMPLE_OVERLAY):
+        resources = _kustomization(directory)["resources"]
+        files = {name for name in resources if (directory / name).is_file()}
+        assert files == {p.name for p in directory.glob("*.yaml")} - {"kustomization.yaml"}
+        others = [name for name in resources if name not in files]
+        assert all((directory / name / "kustomization.yaml").is_file() for name in others)
+    assert _kustomization(SERVICEMONITOR)["kind"] == "Component"
+    assert "../../base" in _kustomization(EXAMPLE_OVERLAY)["resources"]
+
+
+def test_kustomize_builds(tmp_path: Path) -> None:
+    base = sorted(doc["kind"] for doc in _kustomize(K8S_BASE))
+    assert base == sorted(
+        ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy"]
+    )
+    assert sorted(d["kind"] for d in _kustomize(EXAMPLE_OVERLAY)) == sorted([*base, "Secret"])
+    # An overlay adding the prometheus-operator component, as deploy/README.md shows it.
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    kustomization = {
+        "resources": [os.path.relpath(K8S_BASE, overlay)],
+        "components": [os.path.relpath(SERVICEMONITOR, overlay)],
+    }
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    monitored = sorted(d["kind"] for d in _kustomize(overlay))
+    assert monitored == sorted([*base, "Service", "ServiceMonitor"])
+
+
+def test_base_never_overwrites_the_real_secret() -> None:
+    """`kubectl apply -k` of the base leaves alone the Secret the operator created, and the
+    documented command creates every key the sidecar reads from it."""
+    assert "Secret" not in {doc["kind"] for doc in _manifests(K8S_BASE)}
+    refs = _secret_refs()
+    ((secret_name,),) = [{name for name, _ in refs.values()}]
+    readme = (DEPLOY / "README.md").read_text()
+    command = re.search(rf"kubectl create secret generic {secret_name}((?:.*\\\n)*.*)", readme)
+    assert command, "deploy/README.md must show how to create the Secret"
+    created = set(re.findall(r"--from-literal=(\w+)=", command.group(1)))
+    assert created == {key for _, key in refs.values()}
+    # The example overlay's Secret has the same shape, and values the sidecar refuses.
+    example = _one("Secret")
+    assert example["metadata"]["name"] == secret_name
+    assert set(example["stringData"]) == created
+    env = {variable: example["stringData"][key] for variable, (_, key) in refs.items()}
+    with pytest.raises(ConfigError) as refused:
+        _configmap_config(env)
+    assert [p.split(":")[0] for p in refused.value.problems] == [
+        "mfa.session.secret_keys[0]",
+        "storage.encryption_key",
+    ]
+    assert all("is not a valid key" in p for p in refused.value.problems)
 
 
 def test_configmap_is_a_valid_sidecar_config() -> None:
@@ -524,15 +661,31 @@ def test_configmap_is_a_valid_sidecar_config() -> None:
     assert config.upstream.url == f"http://127.0.0.1:{_container_port(console, 3000)}"
 
 
+def test_configmap_refuses_to_start_until_trusted_proxies_is_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As shipped, the ConfigMap does not run with no trusted proxy (every request judged by
+    the ingress controller's address): check-config, and so the sidecar's start, names the
+    one key left to fill in."""
+    path = tmp_path / "config.yaml"
+    path.write_text(_configmap_yaml())
+    for name, value in _k8s_env().items():
+        monkeypatch.setenv(name, value)
+    assert main(["check-config", str(path)]) == EXIT_CONFIG
+    problem = f"network.trusted_proxies[0]: {TRUSTED_PROXIES_PLACEHOLDER!r} is not a CIDR"
+    out, err = capsys.readouterr()
+    assert problem in out + err
+    with pytest.raises(ConfigError) as refused:
+        parse_config(yaml.safe_load(_configmap_yaml()), env=_k8s_env())
+    assert refused.value.problems == [problem]
+    # Filled in, it is accepted, and those are the proxies believed.
+    filled = _configmap_config(_k8s_env(), trusted_proxies="10.42.7.0/24")
+    assert [str(cidr) for cidr in filled.network.trusted_proxies] == ["10.42.7.0/24"]
+
+
 def test_configmap_secrets_come_from_the_secret() -> None:
-    raw = _one("ConfigMap")["data"]["config.yaml"]
-    referenced = set(re.findall(r"\$\{(\w+)\}", raw))
-    secret = _one("Secret")
-    env = {e["name"]: e for e in _containers()["sidecar"]["env"]}
-    for name in referenced:
-        ref = env[name]["valueFrom"]["secretKeyRef"]
-        assert ref["name"] == secret["metadata"]["name"]
-        assert ref["key"] in secret["stringData"]
+    referenced = set(re.findall(r"\$\{(\w+)\}", _configmap_yaml()))
+    assert referenced <= set(_secret_refs())
 
 
 def test_container_ports_match_the_config() -> None:
@@ -586,10 +739,9 @@ def test_sidecar_container_is_locked_down() -> None:
     assert security["capabilities"]["drop"] == ["ALL"]
     mounts = {m["mountPath"] for m in sidecar["volumeMounts"]}
     assert {"/var/lib/sidecar", "/tmp"} <= mounts
-    assert sidecar["resources"] == {
-        "requests": {"cpu": "250m", "memory": "128Mi"},
-        "limits": {"memory": "256Mi"},
-    }
+    # No CPU limit (throttling is latency on every request); a quarter core reserved.
+    assert sidecar["resources"]["requests"]["cpu"] == "250m"
+    assert set(sidecar["resources"]["limits"]) == {"memory"}
     # The drain must end before the kubelet kills: preStop pause + drain_timeout < grace.
     config = _configmap_config(_k8s_env())
     pause = int(sidecar["lifecycle"]["preStop"]["exec"]["command"][-1])
@@ -598,12 +750,113 @@ def test_sidecar_container_is_locked_down() -> None:
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
 
 
-def test_metrics_discovery() -> None:
+# deploy/README.md's table "Memory": rules | RSS after start | peak under load | peak after
+# reloads | suggested requests.memory | suggested limits.memory.
+MEMORY_ROW = re.compile(
+    r"^\| ([\d,]+) \| (\d+) MiB \| (\d+) MiB \| (\d+) MiB \| (\d+)Mi \| (\d+)Mi \|$", re.MULTILINE
+)
+# What the default cap of 10,000 open connections per process can add: ~9 KiB each, measured
+# (deploy/README.md, "Memory").
+CONNECTIONS_MIB = 10_000 * 9 / 1024
+
+
+def test_memory_limit_leaves_headroom_over_the_measured_footprint() -> None:
+    """An OOM kill drops every connection of the pod: each suggested limit is a quarter over
+    the most the sidecar was measured to hold with that many rules plus full connection caps,
+    each request over what it keeps after reloads, and the Deployment uses one of them, sized
+    for 10,000 rules."""
+    rows = {
+        int(rules.replace(",", "")): (max(int(a), int(b), int(c)), int(request), int(limit))
+        for rules, a, b, c, request, limit in MEMORY_ROW.findall((DEPLOY / "README.md").read_text())
+    }
+    assert {1_000, 10_000, 100_000} <= rows.keys()
+    for rules, (peak, request, limit) in rows.items():
+        assert request >= peak, f"{rules:,} rules: requests below what the sidecar keeps"
+        assert limit >= 1.25 * (peak + CONNECTIONS_MIB), f"{rules:,} rules: limit too tight"
+    memory = _containers()["sidecar"]["resources"]
+    request, limit = memory["requests"]["memory"], memory["limits"]["memory"]
+    assert (request, limit) in {(f"{r}Mi", f"{lim}Mi") for _, r, lim in rows.values()}
+    assert int(limit.removesuffix("Mi")) >= rows[10_000][2]
+
+
+def test_no_object_invites_annotation_scraping() -> None:
+    """prometheus.io/* annotations make a generic job scrape the sidecar under its own job
+    name, where no alert (they select job="sidecar") looks; next to scrape.yml or the
+    ServiceMonitor they would scrape every pod twice."""
+    for (kind, name), obj in _k8s_objects().items():
+        template = obj.get("spec", {}).get("template", {})
+        for metadata in (obj["metadata"], template.get("metadata", {})):
+            annotations = metadata.get("annotations") or {}
+            assert not [a for a in annotations if a.startswith("prometheus.io/")], f"{kind}/{name}"
+
+
+def _relabel(labels: Mapping[str, str], configs: list[dict[str, Any]]) -> dict[str, str] | None:
+    """Prometheus' target relabelling, the actions scrape.yml uses: the target's labels, or
+    None when it is dropped. Regexes are anchored at both ends, as Prometheus anchors them."""
+    out = dict(labels)
+    for config in configs:
+        value = config.get("separator", ";").join(out.get(s, "") for s in config["source_labels"])
+        match = re.fullmatch(config.get("regex", "(.*)"), value)
+        action = config.get("action", "replace")
+        if action == "keep" and match is None:
+            return None
+        if action == "drop" and match is not None:
+            return None
+        if action == "replace" and match is not None:
+            template = re.sub(r"\$\{?(\d+)\}?", r"\\\1", config.get("replacement", "$1"))
+            out[config["target_label"]] = match.expand(template)
+        assert action in ("keep", "drop", "replace"), f"{action}: not modelled here"
+    return out
+
+
+def _discovered_targets(phase: str = "Running") -> list[dict[str, str]]:
+    """What Kubernetes discovery (`role: pod`) offers for one of the Deployment's pods: a
+    target for each port a container declares, with its meta labels."""
+    pod = _one("Deployment")["spec"]["template"]["spec"]
+    return [
+        {
+            "__address__": f"10.42.7.9:{port['containerPort']}",
+            "__meta_kubernetes_namespace": "console",
+            "__meta_kubernetes_pod_name": "console-7d9f-abcde",
+            "__meta_kubernetes_pod_phase": phase,
+            "__meta_kubernetes_pod_container_name": container["name"],
+            "__meta_kubernetes_pod_container_port_name": port.get("name", ""),
+            "__meta_kubernetes_pod_container_port_number": str(port["containerPort"]),
+        }
+        for container in pod["containers"]
+        for port in container.get("ports", [])
+    ]
+
+
+def test_scrape_job_scrapes_each_pod_once_on_its_admin_port() -> None:
+    (job,) = yaml.safe_load(SCRAPE.read_text())["scrape_configs"]
+    assert job["job_name"] == JOB
+    assert job["metrics_path"] == "/metrics"
+    assert [sd["role"] for sd in job["kubernetes_sd_configs"]] == ["pod"]
+    relabel = job["relabel_configs"]
+    kept = [t for t in (_relabel(t, relabel) for t in _discovered_targets()) if t is not None]
+    admin_port = _configmap_config(_k8s_env()).admin.port
+    assert [t["__address__"] for t in kept] == [f"10.42.7.9:{admin_port}"], "one target a pod"
+    assert (kept[0]["namespace"], kept[0]["pod"]) == ("console", "console-7d9f-abcde")
+    assert all(_relabel(t, relabel) is None for t in _discovered_targets(phase="Succeeded"))
+
+
+def test_scrape_job_passes_promtool(tmp_path: Path) -> None:
+    result = _run_promtool("check", "config", str(SCRAPE))
+    if "kubernetes_sd_configs not found" in result.stdout + result.stderr:
+        # Debian's promtool is built without Kubernetes discovery: check the rest of the
+        # job (relabelling, paths, intervals) around a static target instead.
+        config = yaml.safe_load(SCRAPE.read_text())
+        for job in config["scrape_configs"]:
+            del job["kubernetes_sd_configs"]
+            job["static_configs"] = [{"targets": ["10.42.7.9:9090"]}]
+        (tmp_path / "scrape.yml").write_text(yaml.safe_dump(config))
+        result = _run_promtool("check", "config", str(tmp_path / "scrape.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_servicemonitor_sets_the_job_on_the_admin_port() -> None:
     template = _one("Deployment")["spec"]["template"]
-    annotations = template["metadata"]["annotations"]
-    assert annotations["prometheus.io/scrape"] == "true"
-    assert annotations["prometheus.io/port"] == "9090"
-    assert annotations["prometheus.io/path"] == "/metrics"
     metrics = _k8s_objects()[("Service", "console-sidecar-metrics")]
     assert metrics["spec"]["clusterIP"] == "None"
     assert metrics["spec"]["selector"].items() <= template["metadata"]["labels"].items()
@@ -818,9 +1071,134 @@ def test_dockerfile_installs_from_the_repository() -> None:
                 assert (ROOT / source).exists(), source
         if word == "RUN" and "apt-get install" in args:
             assert "rm -rf /var/lib/apt/lists" in args, "apt lists left in the image"
-    runs = " ".join(args for word, args in instructions if word == "RUN")
-    assert 'pip install --no-cache-dir ".[speed]"' in runs
     assert "sidecar" in (ROOT / "pyproject.toml").read_text().split("[project.scripts]")[1]
+
+
+# --- locked inputs: base image digest, Python packages by hash ----------------------------
+
+LOCK = DEPLOY / "requirements.lock"
+BUILD_LOCK = DEPLOY / "build-requirements.lock"
+PINNED_BASE = re.compile(r"python:3\.11-slim-bookworm@sha256:[0-9a-f]{64}")
+# What pip-compile writes under a package for the requirements read from pyproject.toml.
+VIA_PROJECT = "sidecar (pyproject.toml)"
+VIA_BUILD_SYSTEM = "sidecar (pyproject.toml::build-system.requires)"
+
+
+@dataclass(frozen=True)
+class Locked:
+    version: str
+    hashes: list[str]
+    via: list[str]
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _lock(path: Path) -> dict[str, Locked]:
+    """pip-compile's output: each ``name==version \\`` line, its ``--hash=`` lines and its
+    ``# via`` comment (one line, or one name per ``#   `` line after it)."""
+    entries: dict[str, Locked] = {}
+    current: Locked | None = None
+    for line in path.read_text().splitlines():
+        text = line.strip().removesuffix("\\").strip()
+        if re.match(r"[A-Za-z0-9]", line):
+            name, _, version = text.partition("==")
+            current = entries[_canonical(name)] = Locked(version, [], [])
+        elif current is None or not line.startswith(" "):
+            current = None  # the header, or a comment between entries
+        elif text.startswith("--hash="):
+            current.hashes.append(text.removeprefix("--hash="))
+        elif text.startswith("# via"):
+            current.via.extend(filter(None, [text.removeprefix("# via").strip()]))
+        elif text.startswith("#   "):
+            current.via.append(text.removeprefix("#").strip())
+    return entries
+
+
+def _pyproject() -> dict[str, Any]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _check_lock(path: Path, requirements: list[str], root: str) -> None:
+    """The lock pins exactly what ``requirements`` need, each release with its hashes."""
+    locked = _lock(path)
+    for name, entry in locked.items():
+        assert re.fullmatch(r"\d[\w.+!]*", entry.version), f"{name}: not pinned with =="
+        assert entry.hashes, f"{name}: no --hash (pip --require-hashes refuses the lock)"
+        assert all(re.fullmatch(r"sha256:[0-9a-f]{64}", h) for h in entry.hashes), name
+    wanted = {_canonical(Requirement(r).name): Requirement(r) for r in requirements}
+    direct = {name for name, entry in locked.items() if root in entry.via}
+    assert direct == set(wanted), f"{path.name} was compiled from other requirements"
+    for name, requirement in wanted.items():
+        assert requirement.specifier.contains(locked[name].version, prereleases=True), (
+            f"{name} {locked[name].version} is outside {requirement.specifier}"
+        )
+    # Everything else is there because a locked package depends on it.
+    reachable, frontier = set(direct), set(direct)
+    while frontier:
+        frontier = {
+            name
+            for name, entry in locked.items()
+            if name not in reachable and frontier & {_canonical(v) for v in entry.via}
+        }
+        reachable |= frontier
+    assert reachable == set(locked), f"nothing needs {sorted(set(locked) - reachable)}"
+
+
+def test_requirements_lock_covers_exactly_the_runtime_dependencies() -> None:
+    """The image gets pyproject.toml's dependencies and the `speed` extra (uvloop), as the
+    Dockerfile always installed, each at a version pyproject allows, and nothing else: not
+    the test tools, not a package left over from a dependency since dropped."""
+    project = _pyproject()["project"]
+    requirements = project["dependencies"] + project["optional-dependencies"]["speed"]
+    _check_lock(LOCK, requirements, VIA_PROJECT)
+
+
+def test_build_lock_covers_the_build_backend() -> None:
+    _check_lock(BUILD_LOCK, _pyproject()["build-system"]["requires"], VIA_BUILD_SYSTEM)
+
+
+def test_lock_commands_are_documented() -> None:
+    """Whoever changes a dependency finds in deploy/README.md the command that wrote the lock."""
+    readme = (DEPLOY / "README.md").read_text()
+    for path in (LOCK, BUILD_LOCK):
+        command = re.search(r"^#    (pip-compile .*)$", path.read_text(), re.MULTILINE)
+        assert command, f"{path.name} has no pip-compile header"
+        assert command.group(1) in readme, f"{path.name}: its command is not in the README"
+        assert f"--output-file={path.relative_to(ROOT)}" in command.group(1)
+
+
+def test_dockerfile_builds_from_pinned_inputs() -> None:
+    instructions = _dockerfile()
+    bases = [args.split()[0] for word, args in instructions if word == "FROM"]
+    assert len(bases) == 2, bases
+    assert all(PINNED_BASE.fullmatch(base) for base in bases), f"not pinned by digest: {bases}"
+    assert len(set(bases)) == 1, "both stages must use the same base image"
+    commands = [
+        shlex.split(command)
+        for word, args in instructions
+        if word == "RUN"
+        for command in args.split("&&")
+    ]
+    installs = [c for c in commands if "install" in c and Path(c[0]).name == "pip"]
+    hashed = [c for c in installs if "--require-hashes" in c]
+    # Every package from a lock, checked against its hashes, none built from source...
+    assert sorted(c[c.index("-r") + 1] for c in hashed) == sorted(
+        str(p.relative_to(ROOT)) for p in (LOCK, BUILD_LOCK)
+    )
+    assert all("--only-binary=:all:" in c for c in hashed)
+    # ...except the sidecar's own wheel, built here with the locked setuptools (an isolated
+    # build would fetch an unpinned one) and installed without dependencies.
+    (own,) = [c for c in installs if c not in hashed]
+    assert "--no-deps" in own
+    assert Path(own[-1]).name.startswith("sidecar-")
+    (wheel,) = [c for c in commands if "wheel" in c and Path(c[0]).name == "pip"]
+    assert {"--no-deps", "--no-build-isolation"} <= set(wheel)
+    # A dependency in pyproject.toml that the lock lacks fails the build.
+    assert any(Path(c[0]).name == "pip" and c[1:] == ["check"] for c in commands)
+    copied = " ".join(args for word, args in instructions if word == "COPY")
+    assert all(str(p.relative_to(ROOT)) in copied for p in (LOCK, BUILD_LOCK))
 
 
 def test_deploy_readme_documents_the_build() -> None:
@@ -828,3 +1206,32 @@ def test_deploy_readme_documents_the_build() -> None:
     assert "docker build -f deploy/Dockerfile -t sidecar ." in readme
     for section in ("## Kubernetes", "## Docker Compose", "## systemd", "## Docker", "## Upgrades"):
         assert section in readme
+
+
+# Paths relative to deploy/, as deploy/README.md names them in backquotes.
+DEPLOY_RELATIVE = re.compile(r"`((?:kubernetes|prometheus|grafana|compose|systemd)/[^`\s]*)`")
+
+
+def test_paths_named_in_the_deploy_docs_exist() -> None:
+    """An operator following a comment or the README to a file finds it (files move)."""
+    documents = [ROOT / "README.md", DEPLOY / "README.md", DOCKERFILE]
+    documents += [p for p in DEPLOY.rglob("*") if p.suffix in (".yaml", ".yml")]
+    missing = []
+    for document in documents:
+        text = document.read_text()
+        for path in re.findall(r"\bdeploy/[\w./-]*\w", text):
+            if not (ROOT / path).exists():
+                missing.append(f"{document.relative_to(ROOT)}: {path}")
+        if document == DEPLOY / "README.md":
+            for path in DEPLOY_RELATIVE.findall(text):
+                if not (DEPLOY / path).exists():
+                    missing.append(f"deploy/README.md: {path}")
+    assert not missing, missing
+
+
+def test_alerts_name_the_scrape_configurations_that_set_their_job() -> None:
+    """Whoever reads alerts.yml learns which scrape configurations give job="sidecar"."""
+    header = ALERTS.read_text().split("\ngroups:", 1)[0]
+    for path in (COMPOSE / "prometheus.yml", SCRAPE, SERVICEMONITOR):
+        assert str(path.relative_to(ROOT)) in header, path
+    assert "prometheus.io/scrape" in header
