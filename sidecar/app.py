@@ -164,6 +164,11 @@ def build_app(
             await gauges
         await settings.stop()
         await app[UPSTREAM].close()
+        # Identity providers that reloads replaced, still in their grace: closed now.
+        retiring = list(_background_tasks(app))
+        for task in retiring:
+            task.cancel()
+        await asyncio.gather(*retiring, return_exceptions=True)
         await identity.provider.close()
         await store.close()
         audit.close()
@@ -307,8 +312,10 @@ async def apply_config(app: web.Application, new: Config) -> list[str]:
         ref.provider = provider
 
         async def close_later() -> None:
-            await asyncio.sleep(30)  # let requests that hold the old provider finish
-            await retired.close()
+            try:
+                await asyncio.sleep(30)  # let requests that hold the old provider finish
+            finally:
+                await retired.close()  # also when the app stops first (cancelled)
 
         task = asyncio.get_running_loop().create_task(close_later())
         _background_tasks(app).add(task)
