@@ -21,6 +21,7 @@ from sidecar.app import IDENTITY_PROVIDER, LIVE, RESTART_ONLY, build_app, runnin
 from sidecar.config import Config, ConfigError, parse_config
 from sidecar.identity.introspect import IntrospectProvider
 from sidecar.reload import Reloader
+from sidecar.workers import RunningConfigs
 from tests.conftest import deep_merge, raw_config
 
 Client = TestClient[web.Request, web.Application]
@@ -174,3 +175,22 @@ async def test_a_reload_keeps_restart_only_values_everywhere(
     # The sidecar's routes are still under the start-up prefix; the new one is the console's.
     async with client.get("/mfa/api/status") as response:
         assert response.status == 401
+
+
+def test_a_worker_started_later_gets_the_running_config_or_the_last_good_one(
+    tmp_path: Path,
+) -> None:
+    raw = raw_config(tmp_path, "http://127.0.0.1:1")
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    started = parse_config(raw, env={})
+    configs = RunningConfigs(started, path)
+    changed = deep_merge(
+        raw, {"upstream": {"url": "http://127.0.0.1:2"}, "listen": {"max_body_size": "1KiB"}}
+    )
+    path.write_text(yaml.safe_dump(changed))
+    good = configs.refresh()
+    assert good.upstream.url == "http://127.0.0.1:1"  # as the supervisor started
+    assert good.listen.max_body_size == 1024  # as the file says now
+    path.write_text(yaml.safe_dump(deep_merge(changed, {"security": {"ip_denylist": ["x"]}})))
+    assert configs.refresh() is good  # invalid: what the siblings kept running
