@@ -10,11 +10,16 @@ config answers), and so is the stop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
+import os
 import signal
+import sqlite3
 import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +72,80 @@ def reload_records(tmp_path: Path) -> list[dict[str, Any]]:
     return [r for r in records if r["action"] == "config.reload"]
 
 
-async def wait_for_file(path: Path, proc: subprocess.Popen[bytes]) -> None:
-    """Poll (30 s at most) until ``path`` exists: the process got that far in its start."""
+async def wait_until(check: Callable[[], bool], proc: subprocess.Popen[bytes]) -> None:
+    """Poll (30 s at most) until ``check()`` while the process runs."""
     deadline = time.monotonic() + 30
-    while not await asyncio.to_thread(path.exists):
+    while not await asyncio.to_thread(check):
         assert proc.poll() is None, f"sidecar exited with {proc.returncode}"
-        assert time.monotonic() < deadline, f"{path} not created in time"
+        assert time.monotonic() < deadline, "not reached in time"
         await asyncio.sleep(0.002)
+
+
+def as_named_pipe(path: Path) -> str:
+    """Replace the file at ``path`` by a named pipe; its former content."""
+    content = path.read_text()
+    path.unlink()
+    os.mkfifo(path)
+    return content
+
+
+def feed(path: Path, content: str, proc: subprocess.Popen[bytes]) -> None:
+    """Write ``content`` into the pipe at ``path`` once the process opens it for reading,
+    then put a regular file with it in the pipe's place (for reloads): the process reads
+    this content from the pipe it opened, whatever the path holds from then on. The moment
+    it read its config is known, not guessed."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO until a reader opened it
+            break
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            assert proc.poll() is None, f"sidecar exited with {proc.returncode}"
+            assert time.monotonic() < deadline, "the config was not read in time"
+            time.sleep(0.002)
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "w") as pipe:
+        pipe.write(content)  # blocks until read when larger than the pipe's buffer
+    regular = path.with_suffix(".new")
+    regular.write_text(content)
+    os.replace(regular, path)
+
+
+@contextmanager
+def held_write_lock(database: Path) -> Iterator[Callable[[], None]]:
+    """SQLite's write lock on ``database`` (created empty), held until the callable given
+    is called: a migration started meanwhile waits for it."""
+    connection = sqlite3.connect(database, isolation_level=None)
+    connection.execute("BEGIN IMMEDIATE")
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            connection.execute("ROLLBACK")
+            connection.close()
+
+    try:
+        yield release
+    finally:
+        release()
+
+
+def has_open(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` has ``path`` open."""
+    folder = Path(f"/proc/{pid}/fd")
+    try:
+        links = list(folder.iterdir())
+    except FileNotFoundError:
+        return False
+    for link in links:
+        with contextlib.suppress(OSError):
+            if os.readlink(link) == str(path):
+                return True
+    return False
 
 
 @pytest.fixture
@@ -100,10 +172,12 @@ async def test_sighup_before_ready_is_applied_before_ready_and_reloads_are_annou
         tmp_path, upstream_url, workers=workers, logging={"level": "info"}
     )
     with service_manager() as manager:
+        content = as_named_pipe(config)
         proc = spawn(tmp_path, config, env={"NOTIFY_SOCKET": manager.address})
         try:
-            # The file is read before the store is created: change it after, then SIGHUP.
-            await wait_for_file(tmp_path / "state.db", proc)
+            # Once it has read the file (through the pipe), the file changes, then SIGHUP:
+            # the sidecar still has its imports, the store and the port ahead of it.
+            await asyncio.to_thread(feed, config, content, proc)
             set_max_body(config, "1KiB")
             proc.send_signal(signal.SIGHUP)
             assert manager.pending() == [], "ready before the signal: the test proves nothing"
@@ -161,22 +235,31 @@ async def test_sigterm_before_ready_exits_0_without_serving(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "workers"])
-async def test_sigterm_while_the_store_starts_stops_what_started(
-    tmp_path: Path, upstream_url: str, workers: int
+@pytest.mark.parametrize(
+    ("workers", "when"),
+    [(1, "migrating"), (2, "migrating"), (2, "workers starting")],
+    ids=["one-process-migrating", "supervisor-migrating", "workers-starting"],
+)
+async def test_sigterm_during_start_up_stops_what_started(
+    tmp_path: Path, upstream_url: str, workers: int, when: str
 ) -> None:
     config, _, _ = write_config(tmp_path, upstream_url, workers=workers, logging={"level": "info"})
-    with service_manager() as manager:
+    database = tmp_path / "state.db"
+    started: set[int] = set()
+    with service_manager() as manager, held_write_lock(database) as release:
         proc = spawn(tmp_path, config, env={"NOTIFY_SOCKET": manager.address})
         try:
-            await wait_for_file(tmp_path / "state.db", proc)
-            started: set[int] = set()
-            if workers > 1:  # with workers started, still starting themselves
-                deadline = time.monotonic() + 30
-                while not (started := worker_pids(proc.pid)):
-                    assert time.monotonic() < deadline, "no worker started"
-                    await asyncio.sleep(0.002)
-            proc.send_signal(signal.SIGTERM)
+            if when == "migrating":
+                # The store is open and its migration waits for the test's write lock: it
+                # cannot be ready, whatever the machine's load.
+                await wait_until(lambda: has_open(proc.pid, database), proc)
+                proc.send_signal(signal.SIGTERM)
+                release()
+            else:
+                release()
+                await wait_until(lambda: bool(worker_pids(proc.pid)), proc)
+                started = worker_pids(proc.pid)  # forked, importing: far from serving
+                proc.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(proc.wait, 30) == 0
         finally:
             stop(proc)
@@ -184,7 +267,10 @@ async def test_sigterm_while_the_store_starts_stops_what_started(
     assert all("READY" not in fields for fields in notifications)
     assert notifications[-1:] == [{"STOPPING": "1", "STATUS": "stopping"}]
     assert not [pid for pid in started if running(pid)]  # stopped and waited for
-    assert "Traceback" not in (tmp_path / "sidecar.log").read_text()
+    log = (tmp_path / "sidecar.log").read_text()
+    assert "Traceback" not in log
+    if workers == 1:
+        assert "stopped during start-up" in log  # after the store was set up: closed again
 
 
 def test_a_refused_start_leaves_the_callers_signal_handlers_alone(tmp_path: Path) -> None:
