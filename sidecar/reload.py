@@ -18,6 +18,7 @@ from aiohttp import web
 
 from sidecar.app import AUDIT, METRICS, apply_config
 from sidecar.config import ConfigError, load_config
+from sidecar.file_stamp import FileStamp, file_stamp
 from sidecar.logs import fields
 from sidecar.sd_notify import Notifier
 from sidecar.store.base import StoreUnavailable
@@ -27,22 +28,16 @@ log = logging.getLogger("sidecar.reload")
 WATCH_SECONDS = 2.0
 
 
-def file_stamp(path: Path) -> tuple[int, int, int] | None:
-    """What tells a changed file (modification time, size, inode: an editor that replaces
-    the file changes the inode); None when it cannot be read."""
-    try:
-        info = path.stat()
-    except OSError:
-        return None
-    return (info.st_mtime_ns, info.st_size, info.st_ino)
-
-
 class Reloader:
-    def __init__(self, app: web.Application, path: Path) -> None:
+    def __init__(
+        self, app: web.Application, path: Path, *, read_at: FileStamp | None = None
+    ) -> None:
+        """``read_at``: the file's stamp from before the running config was read from it
+        (default: now); a file that changed since is reloaded at the first look."""
         self._app = app
         self._path = path
         self._lock = asyncio.Lock()
-        self._stamp = file_stamp(path)
+        self._stamp = read_at if read_at is not None else file_stamp(path)
         self._task: asyncio.Task[None] | None = None
         self._notifier: Notifier | None = None
 

@@ -17,6 +17,7 @@ from aiohttp import web
 from sidecar import __version__
 from sidecar.app import DRAINING, IN_FLIGHT, LIVE, METRICS, PROXY, build_admin_app, build_app
 from sidecar.config import Config
+from sidecar.file_stamp import FileStamp
 from sidecar.listener import (
     FD_HEADROOM,
     ConnectionGuard,
@@ -45,6 +46,7 @@ async def serve(
     config_path: Path | None = None,
     *,
     with_admin: bool = True,
+    read_at: FileStamp | None = None,
     early: StartupSignals | None = None,
     notifier: Notifier | None = None,
     started: Callable[[], None] | None = None,
@@ -52,7 +54,8 @@ async def serve(
 ) -> None:
     """Serve until SIGTERM or SIGINT, then drain: /readyz turns unready, the listeners stop
     accepting, in-flight requests and WebSockets get up to ``listen.drain_timeout`` to
-    finish. SIGHUP (and a changed ``config_path``) reloads the configuration.
+    finish. SIGHUP (and a changed ``config_path``) reloads the configuration; ``read_at``
+    is the file's stamp from before ``config`` was read (a change made since is applied).
 
     Signals are handled from the first step, and ``early`` holds those that arrived before
     (``StartupSignals``). A reload asked for before serving is applied once the app is set
@@ -72,7 +75,15 @@ async def serve(
         async with contextlib.AsyncExitStack() as stack:
             try:
                 await _serve(
-                    config, config_path, with_admin, signals, notify, stack, started, reloaded
+                    config,
+                    config_path,
+                    read_at,
+                    with_admin,
+                    signals,
+                    notify,
+                    stack,
+                    started,
+                    reloaded,
                 )
             finally:
                 notify.stopping()
@@ -84,6 +95,7 @@ async def serve(
 async def _serve(
     config: Config,
     config_path: Path | None,
+    read_at: FileStamp | None,
     with_admin: bool,
     signals: LoopSignals,
     notify: Notifier,
@@ -109,7 +121,7 @@ async def _serve(
     if signals.stop.is_set():
         log.info("stopped during start-up")
         return
-    reloader = Reloader(app, config_path) if config_path is not None else None
+    reloader = Reloader(app, config_path, read_at=read_at) if config_path is not None else None
 
     async def reload_owed() -> None:
         # Before the listener accepts (the first request gets the new config) and again

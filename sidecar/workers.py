@@ -37,6 +37,7 @@ from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
 from sidecar.config import Config, ConfigError, load_config
+from sidecar.file_stamp import FileStamp, file_stamp
 from sidecar.logs import fields
 from sidecar.process_signals import LoopSignals, StartupSignals
 from sidecar.sd_notify import Notifier
@@ -83,6 +84,7 @@ class _Worker:
 def _worker_main(
     config: Config,
     config_path: Path | None,
+    read_at: FileStamp,
     index: int,
     ready: EventType,
     reloads: Synchronized[int],
@@ -106,6 +108,7 @@ def _worker_main(
         serve(
             config,
             config_path,
+            read_at=read_at,
             with_admin=False,
             early=early,
             started=ready.set,
@@ -129,11 +132,14 @@ def _blocked_signals() -> Iterator[None]:
 class RunningConfigs:
     """The config a worker started now runs: ``sidecar.app.running_config(started, file)``,
     what its siblings run after their reloads; the last good one while the file is invalid.
+    ``read_at`` is the file's stamp from before ``last_good`` was read: the worker's own
+    watcher then applies whatever changed since, as its siblings' watchers did.
     """
 
-    def __init__(self, started: Config, path: Path | None) -> None:
+    def __init__(self, started: Config, path: Path | None, read_at: FileStamp) -> None:
         self.started = started
         self.last_good = started
+        self.read_at = read_at
         self._path = path
 
     def refresh(self) -> Config:
@@ -142,8 +148,10 @@ class RunningConfigs:
 
         if self._path is None:
             return self.last_good
+        stamp = file_stamp(self._path)
         try:
             self.last_good = running_config(self.started, load_config(self._path))
+            self.read_at = stamp
         except ConfigError as exc:
             log.error(
                 "config file invalid; a worker started now runs the last good config",
@@ -169,6 +177,7 @@ def run_workers(
     config_path: Path | None,
     metrics_dir: Path,
     *,
+    read_at: FileStamp = None,
     early: StartupSignals | None = None,
     notifier: Notifier | None = None,
 ) -> int:
@@ -193,14 +202,15 @@ def run_workers(
         return 0
     context = multiprocessing.get_context("fork")
     workers: dict[int, _Worker] = {}
-    configs = RunningConfigs(config, config_path)
+    configs = RunningConfigs(config, config_path, read_at)
 
-    def spawn(index: int, worker_config: Config) -> None:
+    def spawn(index: int) -> None:
+        """Start worker ``index`` with the config its siblings run (``configs``)."""
         ready = context.Event()
         reloads = context.Value("Q", 0)
         process = context.Process(
             target=_worker_main,
-            args=(worker_config, config_path, index, ready, reloads),
+            args=(configs.last_good, config_path, configs.read_at, index, ready, reloads),
             name=f"sidecar-worker-{index}",
         )
         with _blocked_signals():
@@ -208,7 +218,7 @@ def run_workers(
         workers[index] = _Worker(process, ready, reloads, time.monotonic())
 
     for index in range(config.workers):
-        spawn(index, config)
+        spawn(index)
     try:
         asyncio.run(_supervise(config, config_path, workers, configs, spawn, early, notify))
     finally:
@@ -225,7 +235,7 @@ async def _supervise(
     config_path: Path | None,
     workers: dict[int, _Worker],
     configs: RunningConfigs,
-    spawn: Callable[[int, Config], None],
+    spawn: Callable[[int], None],
     early: StartupSignals,
     notify: Notifier,
 ) -> None:
@@ -234,7 +244,6 @@ async def _supervise(
     from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
     from sidecar.proxy import AiohttpUpstream
-    from sidecar.reload import file_stamp
     from sidecar.store import open_store
     from sidecar.store.base import StoreUnavailable
 
@@ -338,7 +347,7 @@ async def _supervise(
         # SIGHUP from now on (and one that came during the start) goes to the workers.
         signals.serving(on_sighup)
         log.info("supervising %d workers", len(workers))
-        stamp = file_stamp(config_path) if config_path is not None else None
+        stamp = configs.read_at
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), TICK_SECONDS)
@@ -356,7 +365,8 @@ async def _supervise(
                     if worker.process.pid is not None:
                         multiprocess.mark_process_dead(worker.process.pid)  # type: ignore[no-untyped-call]
                     # It must run what the others run now (see RunningConfigs).
-                    spawn(index, await refresh())
+                    await refresh()
+                    spawn(index)
             if config_path is not None and (now := file_stamp(config_path)) != stamp:
                 # The workers reload a changed file by themselves; a worker started later
                 # must get what they then run.

@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient
 
 from sidecar.app import IDENTITY_PROVIDER, LIVE, RESTART_ONLY, build_app, running_config
 from sidecar.config import Config, ConfigError, parse_config
+from sidecar.file_stamp import file_stamp
 from sidecar.identity.introspect import IntrospectProvider
 from sidecar.reload import Reloader
 from sidecar.workers import RunningConfigs
@@ -184,13 +185,16 @@ def test_a_worker_started_later_gets_the_running_config_or_the_last_good_one(
     path = tmp_path / "sidecar.yaml"
     path.write_text(yaml.safe_dump(raw))
     started = parse_config(raw, env={})
-    configs = RunningConfigs(started, path)
+    configs = RunningConfigs(started, path, file_stamp(path))
     changed = deep_merge(
         raw, {"upstream": {"url": "http://127.0.0.1:2"}, "listen": {"max_body_size": "1KiB"}}
     )
     path.write_text(yaml.safe_dump(changed))
-    good = configs.refresh()
+    good, good_stamp = configs.refresh(), file_stamp(path)
     assert good.upstream.url == "http://127.0.0.1:1"  # as the supervisor started
     assert good.listen.max_body_size == 1024  # as the file says now
+    assert configs.read_at == good_stamp
     path.write_text(yaml.safe_dump(deep_merge(changed, {"security": {"ip_denylist": ["x"]}})))
-    assert configs.refresh() is good  # invalid: what the siblings kept running
+    assert configs.refresh() is good  # invalid: what the siblings kept running...
+    # ...and the new worker's watcher sees the file as changed since, as theirs did.
+    assert configs.read_at == good_stamp != file_stamp(path)

@@ -213,6 +213,28 @@ async def test_sighup_before_ready_is_applied_before_ready_and_reloads_are_annou
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "workers"])
+async def test_a_file_changed_during_start_up_is_applied_without_a_signal(
+    tmp_path: Path, upstream_url: str, workers: int
+) -> None:
+    config, port, _ = write_config(tmp_path, upstream_url, workers=workers)
+    with service_manager() as manager:
+        content = as_named_pipe(config)
+        proc = spawn(tmp_path, config, env={"NOTIFY_SOCKET": manager.address})
+        try:
+            await asyncio.to_thread(feed, config, content, proc)
+            set_max_body(config, "1KiB")  # while it starts; nobody sends SIGHUP
+            assert (await manager.next(proc))["READY"] == "1"
+            deadline = time.monotonic() + 20  # the file is looked at every 2 s
+
+            while await upload_statuses(port, 20 * workers) != [413] * 20 * workers:
+                assert time.monotonic() < deadline, "the changed file was never applied"
+                await asyncio.sleep(0.2)
+        finally:
+            stop(proc)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "workers"])
 async def test_sigterm_before_ready_exits_0_without_serving(
     tmp_path: Path, upstream_url: str, workers: int
 ) -> None:
