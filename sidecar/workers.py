@@ -69,6 +69,7 @@ class _Worker:
     ready: EventType
     #: How many reloads asked for by SIGHUP the worker has finished (applied or refused).
     reloads: Synchronized[int]
+    #: When it was started (monotonic): a dead worker waits RESTART_INTERVAL_SECONDS.
     spawned_at: float
 
     def alive(self) -> bool:
