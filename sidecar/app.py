@@ -25,13 +25,15 @@ import gc
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import TypeVar, cast
 
 from aiohttp import web
 from aiohttp_session import session_middleware
+from pydantic import BaseModel, ValidationError
 
 from sidecar.audit import AuditLog
 from sidecar.blocked_audit import BlockedAudit
-from sidecar.config import Config
+from sidecar.config import Config, ConfigError, format_path
 from sidecar.identity.base import build_identity_provider
 from sidecar.identity.headers import identity_header_names
 from sidecar.identity.refusals import TokenRefusals
@@ -224,8 +226,61 @@ def _part(config: Config, path: tuple[str, ...]) -> object:
     return value
 
 
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def running_config(started: Config, current: Config) -> Config:
+    """What a process that started with ``started`` runs while the file holds ``current``:
+    every value of ``current``, except each ``RESTART_ONLY`` path, taken from ``started``.
+
+    One rule for a reload (what it applies) and for a worker started later (a replacement
+    after a crash): every process sharing the port runs exactly this, never the file's
+    restart-only values. Pure; ``started`` may itself be a running config (its restart-only
+    values are the start-up ones). Raises ConfigError when the combination breaks a rule
+    between keys (a reloadable key naming what a restart-only one still holds): such a file
+    is refused as any invalid file is.
+    """
+    merged = current
+    for path in RESTART_ONLY:
+        value = _part(started, path)
+        if _part(current, path) != value:
+            merged = _with_part(merged, path, value, kept=".".join(path))
+    return merged
+
+
+def _with_part(
+    model: _Model, path: tuple[str, ...], value: object, *, kept: str, at: tuple[str, ...] = ()
+) -> _Model:
+    """``model`` with ``value`` at ``path``; each section on the way is validated again, so
+    that its rules between keys hold for the combination."""
+    name, rest = path[0], path[1:]
+    if rest:
+        inner = cast(BaseModel, getattr(model, name))
+        value = _with_part(inner, rest, value, kept=kept, at=(*at, name))
+    changed = model.model_copy(update={name: value})
+    # Sections inside go in as they are (valid already, not validated again); other fields
+    # as plain values, which their parsers accept back (CIDRs as text, durations as seconds).
+    sections = {field for field, v in changed if isinstance(v, BaseModel)}
+    data = changed.model_dump(mode="json", exclude=sections)
+    data.update({field: getattr(changed, field) for field in sections})
+    try:
+        return type(model).model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(
+            [
+                f"{format_path((*at, *error['loc']))}: {error['msg']} (with {kept} "
+                "as the sidecar started, since changing it needs a restart)"
+                for error in exc.errors()
+            ]
+        ) from None
+
+
 async def apply_config(app: web.Application, new: Config) -> list[str]:
     """Swap a validated config into a running app; returns the keys that need a restart.
+
+    What runs is ``running_config(running, new)``: restart-only keys keep their start-up
+    values everywhere (an identity provider built after a reload still asks the upstream
+    the proxy uses). ConfigError when that combination is invalid; nothing changed then.
 
     Applied at once: IP lists and MFA policy when ``security.managed_by: config`` (written to
     the store, so every replica follows), trusted proxies and the client-IP header, identity
@@ -236,6 +291,7 @@ async def apply_config(app: web.Application, new: Config) -> list[str]:
     live = app[LIVE]
     old = live.config
     restart = [".".join(path) for path in RESTART_ONLY if _part(old, path) != _part(new, path)]
+    new = running_config(old, new)
     # First what can fail (a JWT key that does not fit, the store), so that a failed reload
     # leaves everything as it was; then the swaps, which cannot fail.
     provider = (

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -42,24 +43,35 @@ def _load(path: str) -> Config | None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from sidecar.logs import configure_logging, log_config_warnings  # deferred: fast `--help`
+    from sidecar.process_signals import StartupSignals
 
+    # First: a SIGHUP (or SIGTERM) from here on is remembered, not the end of the process.
+    early = StartupSignals.install()
+    from sidecar.file_stamp import file_stamp
+    from sidecar.logs import configure_logging, log_config_warnings  # deferred: fast `--help`
+    from sidecar.sd_notify import Notifier
+
+    path = Path(args.config).resolve()
+    read_at = file_stamp(path)  # before reading: a change made meanwhile is reloaded
     config = _load(args.config)
     if config is None:
+        early.restore()
         return EXIT_CONFIG
     configure_logging(config.logging.level, config.logging.format)
     log_config_warnings(config_warnings(config), trigger="start")
-    path = Path(args.config).resolve()
+    notifier = Notifier.from_environment(os.environ)
     if config.workers > 1:
         from sidecar.workers import prepare_metrics_dir, run_workers
 
         # Before anything imports prometheus-client: it picks multiprocess mode at import.
         metrics_dir = prepare_metrics_dir()
-        return run_workers(config, path, metrics_dir)
+        return run_workers(
+            config, path, metrics_dir, read_at=read_at, early=early, notifier=notifier
+        )
     from sidecar.server import run_until_stopped, serve
 
     try:
-        run_until_stopped(serve(config, path))
+        run_until_stopped(serve(config, path, read_at=read_at, early=early, notifier=notifier))
     except OSError as exc:
         logging.getLogger("sidecar").error("cannot start: %s", exc)
         return EXIT_FAILURE

@@ -1,4 +1,5 @@
-"""Running the sidecar: the public and admin listeners in one event loop, signals, draining."""
+"""Running the sidecar: the public and admin listeners in one event loop, signals, readiness
+notifications, draining."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import signal
 import ssl
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -17,6 +17,7 @@ from aiohttp import web
 from sidecar import __version__
 from sidecar.app import DRAINING, IN_FLIGHT, LIVE, METRICS, PROXY, build_admin_app, build_app
 from sidecar.config import Config
+from sidecar.file_stamp import FileStamp
 from sidecar.listener import (
     FD_HEADROOM,
     ConnectionGuard,
@@ -24,7 +25,9 @@ from sidecar.listener import (
     raise_open_files_limit,
 )
 from sidecar.logs import fields
+from sidecar.process_signals import LoopSignals, StartupSignals
 from sidecar.reload import Reloader
+from sidecar.sd_notify import Notifier
 
 log = logging.getLogger("sidecar")
 
@@ -43,15 +46,67 @@ async def serve(
     config_path: Path | None = None,
     *,
     with_admin: bool = True,
+    read_at: FileStamp | None = None,
+    early: StartupSignals | None = None,
+    notifier: Notifier | None = None,
     started: Callable[[], None] | None = None,
+    reloaded: Callable[[], None] | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then drain: /readyz turns unready, the listeners stop
     accepting, in-flight requests and WebSockets get up to ``listen.drain_timeout`` to
-    finish. SIGHUP (and a changed ``config_path``) reloads the configuration.
+    finish. SIGHUP (and a changed ``config_path``) reloads the configuration; ``read_at``
+    is the file's stamp from before ``config`` was read (a change made since is applied).
 
-    ``with_admin=False`` is for worker processes: their supervisor serves the admin port;
-    ``started`` is called once the public listener accepts connections.
+    Signals are handled from the first step, and ``early`` holds those that arrived before
+    (``StartupSignals``). A reload asked for before serving is applied once the app is set
+    up, before the listener accepts; a stop asked for before serving ends the start-up at
+    the next step and stops what had started.
+
+    ``notifier`` (systemd) hears READY once the listeners accept, RELOADING and READY around
+    each later reload, STOPPING when the drain begins. ``with_admin=False`` is for worker
+    processes: their supervisor serves the admin port (and notifies). ``started`` is called
+    once the public listener accepts connections, ``reloaded`` after each reload a SIGHUP
+    asked for (applied or refused).
     """
+    loop = asyncio.get_running_loop()
+    signals = LoopSignals(loop, early)
+    notify = notifier if notifier is not None else Notifier(None)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                await _serve(
+                    config,
+                    config_path,
+                    read_at,
+                    with_admin,
+                    signals,
+                    notify,
+                    stack,
+                    started,
+                    reloaded,
+                )
+            finally:
+                notify.stopping()
+        log.info("sidecar stopped")
+    finally:
+        signals.close()
+
+
+async def _serve(
+    config: Config,
+    config_path: Path | None,
+    read_at: FileStamp | None,
+    with_admin: bool,
+    signals: LoopSignals,
+    notify: Notifier,
+    stack: contextlib.AsyncExitStack,
+    started: Callable[[], None] | None,
+    reloaded: Callable[[], None] | None,
+) -> None:
+    """Start, each step's undoing pushed on ``stack``; serve until stopped."""
+    if signals.stop.is_set():  # asked for before the loop ran
+        log.info("stopped during start-up")
+        return
     app = build_app(config)
     admin = build_admin_app(app)
     raise_open_files_limit(
@@ -59,8 +114,24 @@ async def serve(
     )
     runner = public_runner(app)
     admin_runner = web.AppRunner(admin, access_log=None, handle_signals=False)
-    await runner.setup()
+    await runner.setup()  # the store (migrations), the live settings, the upstream pool
+    stack.push_async_callback(runner.cleanup)
     await admin_runner.setup()
+    stack.push_async_callback(admin_runner.cleanup)
+    if signals.stop.is_set():
+        log.info("stopped during start-up")
+        return
+    reloader = Reloader(app, config_path, read_at=read_at) if config_path is not None else None
+
+    async def reload_owed() -> None:
+        # Before the listener accepts (the first request gets the new config) and again
+        # before READY (for one that came meanwhile): once READY is sent, it is in effect.
+        while reloader is not None and signals.take_owed_reload():
+            await reloader.reload("SIGHUP during start-up")
+            if reloaded is not None:
+                reloaded()
+
+    await reload_owed()
     site = web.TCPSite(
         runner,
         config.listen.host,
@@ -70,6 +141,7 @@ async def serve(
         backlog=1024,
     )
     await site.start()
+    stack.push_async_callback(_drain, app, site, config.listen.drain_timeout)
     if with_admin:
         admin_site = web.TCPSite(admin_runner, config.admin.host, config.admin.port)
         await admin_site.start()
@@ -78,44 +150,46 @@ async def serve(
     # 65-70 ms pauses per full collection without this, under load).
     gc.collect()
     gc.freeze()
+    await reload_owed()
+    if signals.stop.is_set():
+        log.info("stopped during start-up")
+        return
     if started is not None:
         started()
+    listen = f"{config.listen.host}:{config.listen.port}"
+    notify.ready(status=f"serving on {listen}")
     log.info(
         "sidecar started",
         extra=fields(
             version=__version__,
-            listen=f"{config.listen.host}:{config.listen.port}",
+            listen=listen,
             admin=f"{config.admin.host}:{config.admin.port}",
             upstream=config.upstream.url,
         ),
     )
-    stop = asyncio.Event()
+    reloads: set[asyncio.Task[None]] = set()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    reloader = Reloader(app, config_path) if config_path is not None else None
-    reloads: set[asyncio.Task[bool]] = set()
-    if reloader is not None:
-        reloader.start()
 
-        def on_sighup() -> None:
-            task = loop.create_task(reloader.reload("SIGHUP"))
+    async def reload_on_sighup(reloader: Reloader) -> None:
+        await reloader.reload("SIGHUP")
+        if reloaded is not None:
+            reloaded()
+
+    def on_sighup() -> None:
+        if signals.stop.is_set():
+            log.info("SIGHUP ignored: stopping")
+        elif reloader is None:
+            log.warning("SIGHUP ignored: no config file to reload")
+        else:
+            task = loop.create_task(reload_on_sighup(reloader))
             reloads.add(task)
             task.add_done_callback(reloads.discard)
 
-        loop.add_signal_handler(signal.SIGHUP, on_sighup)
-    try:
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(sig)
-        if reloader is not None:
-            await reloader.stop()
-        await _drain(app, site, config.listen.drain_timeout)
-        await runner.cleanup()
-        await admin_runner.cleanup()
-        log.info("sidecar stopped")
+    if reloader is not None:
+        reloader.start(notify)
+        stack.push_async_callback(reloader.stop)
+    signals.serving(on_sighup)
+    await signals.stop.wait()
 
 
 def public_runner(app: web.Application) -> GuardedAppRunner:

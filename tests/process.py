@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,8 @@ class SidecarProcess:
         raise AssertionError("no VmHWM in /proc status")
 
 
-@contextlib.contextmanager
-def run_sidecar(tmp_path: Path, upstream_url: str, **sections: Any) -> Iterator[SidecarProcess]:
+def write_config(tmp_path: Path, upstream_url: str, **sections: Any) -> tuple[Path, int, int]:
+    """``tmp_path/sidecar.yaml`` on free ports; (its path, the public port, the admin port)."""
     port, admin_port = free_port(), free_port()
     raw = deep_merge(
         raw_config(tmp_path, upstream_url, **sections),
@@ -55,13 +55,56 @@ def run_sidecar(tmp_path: Path, upstream_url: str, **sections: Any) -> Iterator[
     raw.setdefault("logging", {"level": "warning"})
     path = tmp_path / "sidecar.yaml"
     path.write_text(yaml.safe_dump(raw))
-    log = (tmp_path / "sidecar.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "run", "--config", str(path)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    return path, port, admin_port
+
+
+def spawn(tmp_path: Path, config: Path, env: Mapping[str, str] = {}) -> subprocess.Popen[bytes]:
+    """``sidecar run --config config``, its output in ``tmp_path/sidecar.log``; not waited
+    for (see ``run_sidecar``), stopped by ``stop``."""
+    with (tmp_path / "sidecar.log").open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "run", "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+        )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it is still running 10 s later."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process ``pid`` has a handler for ``sig`` now (``SigCgt`` in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    raise AssertionError("no SigCgt in /proc status")
+
+
+def wait_until_catching(proc: subprocess.Popen[bytes], *signals: signal.Signals) -> None:
+    """Poll (10 s at most) until ``proc`` handles each of ``signals``: from then on, sending
+    one tests the process's handling rather than the interpreter's start."""
+    deadline = time.monotonic() + 10
+    while not all(catches(proc.pid, sig) for sig in signals):
+        if proc.poll() is not None:
+            raise AssertionError(f"sidecar exited with {proc.returncode} while starting")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"sidecar does not catch {signals} after 10 s")
+        time.sleep(0.002)
+
+
+@contextlib.contextmanager
+def run_sidecar(tmp_path: Path, upstream_url: str, **sections: Any) -> Iterator[SidecarProcess]:
+    path, port, admin_port = write_config(tmp_path, upstream_url, **sections)
+    proc = spawn(tmp_path, path)
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -78,11 +121,4 @@ def run_sidecar(tmp_path: Path, upstream_url: str, **sections: Any) -> Iterator[
                 time.sleep(0.05)
         yield SidecarProcess(proc, port, admin_port)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.close()
+        stop(proc)

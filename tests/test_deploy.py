@@ -987,7 +987,16 @@ def test_systemd_unit_runs_and_reloads_the_sidecar() -> None:
     unit = _unit()
     (start,) = unit["ExecStart"]
     assert shlex.split(start)[1:] == ["run", "--config", "/etc/sidecar/config.yaml"]
-    assert any(shlex.split(r)[-2:] == ["-HUP", "$MAINPID"] for r in unit["ExecReload"])
+    # A reload checks the file first (a bad one fails `systemctl reload` with its
+    # messages), then signals the main process.
+    check, signal = (shlex.split(r) for r in unit["ExecReload"])
+    assert check[1:] == ["check-config", "/etc/sidecar/config.yaml"]
+    assert signal[-2:] == ["-HUP", "$MAINPID"]
+    # The sidecar reports READY=1 itself (sd_notify); only the main process (the workers'
+    # supervisor) is listened to, and NOTIFY_SOCKET is an AF_UNIX socket.
+    assert unit["Type"] == ["notify"]
+    assert unit["NotifyAccess"] == ["main"]
+    assert "AF_UNIX" in unit["RestrictAddressFamilies"][0].split()
     assert unit["KillSignal"] == ["SIGTERM"]
     assert unit["Restart"] == ["on-failure"]
     assert unit["EnvironmentFile"] == ["/etc/sidecar/secrets.env"]
@@ -1014,6 +1023,21 @@ def test_systemd_unit_is_hardened() -> None:
     for key, value in expected.items():
         assert unit.get(key) == [value], key
     assert "@system-service" in unit["SystemCallFilter"]
+
+
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    """``systemd-analyze verify``: every directive known and well-formed (a misspelt one is
+    only a warning to systemd, and silently ignored at run time)."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (Debian package `systemd`)")
+    # verify also checks that the commands exist: point them at one that does.
+    unit = tmp_path / "sidecar.service"
+    unit.write_text(UNIT.read_text().replace("/usr/local/bin/sidecar", shutil.which("true") or ""))
+    result = subprocess.run(
+        [analyze, "verify", "--man=no", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
 
 
 # --- Dockerfile ----------------------------------------------------------------------------

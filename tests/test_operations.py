@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -108,7 +110,7 @@ async def test_sighup_applies_a_valid_change_and_keeps_the_old_config_on_a_bad_o
         assert first + rest == b"a" * 65536 + b"b" * 65536
 
         def break_it(raw: dict[str, Any]) -> None:
-            raw["security"]["ip_denylist"] = ["10.0.0.0/33"]
+            raw["security"] = {"ip_denylist": ["10.0.0.0/33"]}
 
         rewrite(tmp_path, break_it)
         before = await metric(sidecar, 'sidecar_config_reloads_total{result="failure"}')
@@ -231,6 +233,131 @@ async def test_two_workers_both_serve_and_metrics_add_up(
         assert total >= 300
         sidecar.proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(sidecar.proc.wait, 30) == 0
+
+
+def named_upstream(name: str) -> web.Application:
+    """Answers every request with its ``name``."""
+    app = web.Application()
+
+    async def anything(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(text=name)
+
+    app.router.add_route("*", "/{tail:.*}", anything)
+    return app
+
+
+async def all_serving(sidecar: SidecarProcess) -> bool:
+    """The supervisor's /healthz: every worker alive and accepting."""
+    try:
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{sidecar.admin_port}/healthz"
+            async with session.get(url) as response:
+                return response.status == 200
+    except aiohttp.ClientConnectionError:
+        return False
+
+
+async def what_the_port_answers(sidecar: SidecarProcess, rounds: int) -> dict[str, set[str]]:
+    """Each probe ``rounds`` times, each time on a new connection (the kernel spreads them
+    over the workers); per probe, the distinct answers."""
+    seen: dict[str, set[str]] = {"page": set(), "/mfa": set(), "/other": set(), "upload": set()}
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for _ in range(rounds):
+            async with session.get(sidecar.url + "/page") as response:
+                seen["page"].add(f"{response.status} {await response.text()}")
+            async with session.get(sidecar.url + "/mfa/api/status") as response:
+                seen["/mfa"].add(f"{response.status}")
+            async with session.get(sidecar.url + "/other/api/status") as response:
+                seen["/other"].add(f"{response.status} {await response.text()}")
+            async with session.post(sidecar.url + "/upload", data=b"x" * 2048) as response:
+                seen["upload"].add(f"{response.status}")
+    return seen
+
+
+def reloaded_pids(tmp_path: Path) -> set[int]:
+    """The processes that audited a config reload (the trail is created at its first record)."""
+    path = tmp_path / "audit.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    records = [json.loads(line) for line in lines]
+    return {r["details"]["pid"] for r in records if r["action"] == "config.reload"}
+
+
+@pytest.mark.slow
+async def test_a_restarted_worker_runs_what_its_siblings_run(
+    tmp_path: Path, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> None:
+    first = await aiohttp_server(named_upstream("first"))
+    second = await aiohttp_server(named_upstream("second"))
+    with run_sidecar(
+        tmp_path, f"http://127.0.0.1:{first.port}", workers=2, logging={"level": "info"}
+    ) as sidecar:
+
+        async def two_workers() -> bool:
+            return len(children(sidecar.proc.pid)) == 2 and await all_serving(sidecar)
+
+        await wait_for(two_workers, 20)
+        workers = set(children(sidecar.proc.pid))
+
+        # Restart-only: the upstream and the prefix; reloadable: the body size cap.
+        def change(raw: dict[str, Any]) -> None:
+            raw["upstream"]["url"] = f"http://127.0.0.1:{second.port}"
+            raw["mfa"]["path_prefix"] = "/other"
+            raw["listen"]["max_body_size"] = "1KiB"
+
+        rewrite(tmp_path, change)
+        sidecar.proc.send_signal(signal.SIGHUP)
+
+        async def both_reloaded() -> bool:
+            return reloaded_pids(tmp_path) >= workers
+
+        await wait_for(both_reloaded)
+        expected = {
+            "page": {"200 first"},  # the start-up upstream...
+            "/mfa": {"401"},  # ...and prefix: the sidecar's own API answers there
+            "/other": {"200 first"},  # the new prefix is the console's
+            "upload": {"413"},  # the reloaded cap
+        }
+        assert await what_the_port_answers(sidecar, 30) == expected
+
+        async def replaced(killed: int) -> int:
+            os.kill(killed, signal.SIGKILL)
+
+            async def new_worker_serving() -> bool:
+                now = set(children(sidecar.proc.pid))
+                return len(now) == 2 and killed not in now and await all_serving(sidecar)
+
+            await wait_for(new_worker_serving, 20)
+            (new,) = set(children(sidecar.proc.pid)) - workers
+            workers.discard(killed)
+            workers.add(new)
+            return new
+
+        new = await replaced(min(workers))
+        before = cpu_ticks(new)
+        assert await what_the_port_answers(sidecar, 60) == expected
+        assert cpu_ticks(new) > before  # the new worker answered its share
+
+        # With the file invalid, a new worker runs the last good config (not the start-up
+        # one: its body cap is the reloaded one).
+        def break_it(raw: dict[str, Any]) -> None:
+            raw["security"] = {"ip_denylist": ["10.0.0.0/33"]}
+
+        rewrite(tmp_path, break_it)
+        sidecar.proc.send_signal(signal.SIGHUP)
+
+        async def refused() -> bool:
+            return await metric(sidecar, 'sidecar_config_reloads_total{result="failure"}') >= 2
+
+        await wait_for(refused)
+        new = await replaced(min(workers))
+        before = cpu_ticks(new)
+        assert await what_the_port_answers(sidecar, 60) == expected
+        assert cpu_ticks(new) > before
+    log = (tmp_path / "sidecar.log").read_text()
+    assert "a worker started now runs the last good config" in log
+    assert "Traceback" not in log
 
 
 def self_signed(tmp_path: Path) -> tuple[Path, Path]:
