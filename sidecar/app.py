@@ -39,7 +39,7 @@ from sidecar.identity.headers import identity_header_names
 from sidecar.identity.refusals import TokenRefusals
 from sidecar.live import LiveSettings, NetworkPolicy
 from sidecar.logs import configure_logging
-from sidecar.metrics import Metrics
+from sidecar.metrics import Metrics, StoreMetrics
 from sidecar.mfa.admin import add_admin_routes
 from sidecar.mfa.policy import MfaPolicy
 from sidecar.mfa.routes import Handlers, Route, add_prefix_fallback, add_routes, register
@@ -52,8 +52,9 @@ from sidecar.middleware.ip_gate import ip_gate_middleware
 from sidecar.middleware.mfa_gate import mfa_gate_middleware
 from sidecar.middleware.request_log import InFlight, request_log_middleware
 from sidecar.proxy import AiohttpUpstream, Proxy, UpstreamTransport
+from sidecar.refused_summary import RefusedSummary
 from sidecar.settings import ParsedLists, SettingsService, networks
-from sidecar.store import open_store
+from sidecar.store import SqlStore, open_store
 from sidecar.store.base import SecuritySettings, Store, StoreUnavailable
 
 METRICS = web.AppKey("sidecar.metrics", Metrics)
@@ -92,6 +93,8 @@ def build_app(
     live = LiveSettings(NetworkPolicy.build(config, allowlist=(), denylist=()), config)
     parsed = ParsedLists(config)
     store = store or open_store(config.storage.url, config.storage.encryption_key)
+    if isinstance(store, SqlStore):
+        store.observe(StoreMetrics(metrics))
     audit = AuditLog(config.audit.file, metrics.registry, store)
     blocked = BlockedAudit(audit)
     mfa_metrics = MfaMetrics(metrics.registry)
@@ -126,6 +129,7 @@ def build_app(
         max_age=int(config.mfa.verify_every),
         secure=config.mfa.session.secure,
     )
+    refused = RefusedSummary()
     app.middlewares.extend(
         [
             request_log_middleware(metrics=metrics, in_flight=in_flight),
@@ -135,8 +139,8 @@ def build_app(
             ip_gate_middleware(live=live, blocked=blocked),
             canonical_path_middleware(),
             session_middleware(session_storage),
-            identity_middleware(live=live, identity=identity),
-            mfa_gate_middleware(live=live, settings=settings, service=service),
+            identity_middleware(live=live, identity=identity, refused=refused),
+            mfa_gate_middleware(live=live, settings=settings, service=service, refused=refused),
         ]
     )
     app[METRICS] = metrics
@@ -178,6 +182,7 @@ def build_app(
         audit.close()
 
     app.cleanup_ctx.append(lifecycle)
+    app.cleanup_ctx.append(refused.lifecycle())
     # After the store's context: started once it is open, flushed before it closes.
     app.cleanup_ctx.append(blocked.lifecycle())
     app[BLOCKED] = blocked

@@ -7,6 +7,7 @@ of series that appear only after the first event.
 
 from __future__ import annotations
 
+import logging
 import platform
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -14,6 +15,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar import __version__
 from sidecar.decision import Decision
+from sidecar.store.db import StoreObserver
+
+log = logging.getLogger("sidecar.store")
 
 # Request latency through the sidecar: from sub-millisecond (blocked, cached) to long
 # downloads.
@@ -36,6 +40,8 @@ _REQUEST_BUCKETS = (
     60.0,
 )
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "protocol")
+#: The store's parts, as ``sidecar_store_errors_total{operation}`` names them.
+STORE_OPERATIONS = ("store", "users", "mfa", "lockout", "settings", "audit")
 
 
 class Metrics:
@@ -103,6 +109,31 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.store_up = Gauge(
+            "sidecar_store_up",
+            "1 while the store (storage.url) answers; 0 while it cannot be reached (requests "
+            "that need it are refused with 503 and retried at most once per backoff)",
+            registry=r,
+            multiprocess_mode="min",
+        )
+        self.store_errors_total = Counter(
+            "sidecar_store_errors_total",
+            "Store transactions that failed, by the part of the store (operation) and kind: "
+            "unreachable, error (the database answered with one), circuit_open (failed fast)",
+            ["operation", "kind"],
+            registry=r,
+        )
+        self.upstream_up = Gauge(
+            "sidecar_upstream_up",
+            "1 while the console (upstream.url) accepts connections; 0 while it cannot be reached",
+            registry=r,
+            multiprocess_mode="min",
+        )
+        self.store_up.set(1)
+        self.upstream_up.set(1)
+        for operation in STORE_OPERATIONS:
+            for kind in ("unreachable", "error", "circuit_open"):
+                self.store_errors_total.labels(operation, kind)
         self._by_refusal = {
             reason: self.connections_refused_total.labels(reason)
             for reason in ("total", "per_address", "header_timeout")
@@ -133,3 +164,23 @@ class Metrics:
     def exposition(self) -> tuple[bytes, str]:
         """The text exposition and its content type, for the admin listener."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class StoreMetrics(StoreObserver):
+    """The store's reports (``sidecar.store.db.StoreObserver``) as metrics and log lines."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def store_up(self, up: bool) -> None:
+        self._metrics.store_up.set(1 if up else 0)
+        if up:
+            log.warning("store reachable again")
+        else:
+            log.error("store unreachable: requests that need it are refused until it answers")
+
+    def store_error(self, operation: str, kind: str) -> None:
+        part = operation.partition(".")[0]
+        self._metrics.store_errors_total.labels(
+            part if part in STORE_OPERATIONS else "store", kind
+        ).inc()

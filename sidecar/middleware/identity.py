@@ -20,6 +20,7 @@ from sidecar.decision import Decision
 from sidecar.identity.base import IdentityProvider, IdentityUnavailable
 from sidecar.live import LiveSettings
 from sidecar.paths import is_exempt, is_under
+from sidecar.refused_summary import RefusedSummary
 from sidecar.state import DECISION, FORWARDING, IDENTITY, PEER_TRUSTED, REASON
 
 log = logging.getLogger("sidecar.identity")
@@ -32,7 +33,9 @@ class IdentityRef:
         self.provider = provider
 
 
-def identity_middleware(*, live: LiveSettings, identity: IdentityRef) -> Middleware:
+def identity_middleware(
+    *, live: LiveSettings, identity: IdentityRef, refused: RefusedSummary
+) -> Middleware:
     prefix = live.config.mfa.path_prefix  # fixed until restart: the routes live there
 
     @web.middleware
@@ -50,7 +53,7 @@ def identity_middleware(*, live: LiveSettings, identity: IdentityRef) -> Middlew
         except IdentityUnavailable as exc:
             request[DECISION] = Decision.IDENTITY_UNAVAILABLE
             request[REASON] = str(exc)
-            log.warning("identity unavailable, refusing: %s", exc)
+            refused.note("identity unavailable", str(exc))
             return unavailable(
                 request, "identity_unavailable", "The console could not confirm who you are."
             )

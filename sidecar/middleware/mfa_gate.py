@@ -34,6 +34,7 @@ from sidecar.mfa.policy import MfaPolicy, decide, needs_grace_start
 from sidecar.mfa.service import MfaService
 from sidecar.mfa.session import csrf_token, mark_grace_shown, session_for, view
 from sidecar.paths import is_exempt, is_under, with_next
+from sidecar.refused_summary import RefusedSummary
 from sidecar.settings import SettingsService
 from sidecar.state import DECISION, IDENTITY, REASON
 from sidecar.store.base import StoreUnavailable
@@ -53,7 +54,11 @@ def binding_of(credential_hash: bytes) -> str:
 
 
 def mfa_gate_middleware(
-    *, live: LiveSettings, settings: SettingsService, service: MfaService
+    *,
+    live: LiveSettings,
+    settings: SettingsService,
+    service: MfaService,
+    refused: RefusedSummary,
 ) -> Middleware:
     # The prefix is where the routes were registered: it changes only with a restart.
     prefix = live.config.mfa.path_prefix
@@ -88,7 +93,7 @@ def mfa_gate_middleware(
                 raise
             except StoreUnavailable as exc:
                 # Any sidecar page or API call that needed the store: 503, never a 500.
-                return harden(_store_down(request, str(exc)))
+                return harden(_store_down(refused, request, str(exc)))
             finally:
                 if user is not None:
                     busy[user] -= 1
@@ -103,7 +108,7 @@ def mfa_gate_middleware(
             return await handler(request)
         current = settings.current
         if current is None:
-            return _store_down(request, "security settings not loaded yet")
+            return _store_down(refused, request, "security settings not loaded yet")
         try:
             state = await service.state(identity.user_id)
             privileged = is_privileged(identity, admin_roles)
@@ -115,7 +120,7 @@ def mfa_gate_middleware(
                 )
             await service.touch(identity.user_id, email=identity.email, role=identity.role)
         except StoreUnavailable as exc:
-            return _store_down(request, str(exc))
+            return _store_down(refused, request, str(exc))
         binding = binding_of(identity.credential_hash)
         session = await session_for(request, user=identity.user_id, binding=binding)
         session_view = view(session)
@@ -182,8 +187,8 @@ def mfa_gate_middleware(
     return mfa_gate
 
 
-def _store_down(request: web.Request, reason: str) -> web.Response:
+def _store_down(refused: RefusedSummary, request: web.Request, reason: str) -> web.Response:
     request[DECISION] = Decision.STORE_UNAVAILABLE
     request[REASON] = reason
-    log.warning("store unavailable, refusing: %s", reason)
+    refused.note("store unavailable", reason)
     return unavailable(request, "store_unavailable", "Security checks are unavailable right now.")

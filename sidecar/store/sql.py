@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sidecar.store import schema
 from sidecar.store.audit import SqlAudit
 from sidecar.store.base import StoreUnavailable
-from sidecar.store.db import LOCK_MIGRATE, PG_CONNECT_TIMEOUT, Database, async_url
+from sidecar.store.db import LOCK_MIGRATE, PG_CONNECT_TIMEOUT, Database, StoreObserver, async_url
 from sidecar.store.lockout import SqlLockout
 from sidecar.store.methods import SqlMfa
 from sidecar.store.migrations import LATEST_VERSION, MIGRATIONS
@@ -54,6 +54,10 @@ class SqlStore:
         self.lockout = SqlLockout(self._db)
         self.settings = SqlSettings(self._db)
         self.audit = SqlAudit(self._db)
+
+    def observe(self, observer: StoreObserver) -> None:
+        """Report availability changes and failed transactions to ``observer``."""
+        self._db.observer = observer
 
     @property
     def engine(self) -> AsyncEngine:
