@@ -1,0 +1,94 @@
+"""Review findings (attack-review) on the public listener: an outsider with no account and
+one address holds every upstream connection, so the console is unreachable for everyone.
+Marked xfail(strict=True): they fail today and turn red once fixed."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import pytest
+from aiohttp import ClientSession, ClientTimeout, web
+
+from tests.conftest import ServeFactory
+
+DOWNLOAD = b"x" * (4 * 1024 * 1024)  # a console's JS bundle, a report export...
+
+
+def console() -> web.Application:
+    app = web.Application()
+
+    async def upload(request: web.Request) -> web.Response:
+        body = await request.read()  # any form or JSON POST handler reads its body first
+        return web.Response(text=f"got {len(body)} bytes")
+
+    async def download(request: web.Request) -> web.Response:
+        return web.Response(body=DOWNLOAD)
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text="console page")
+
+    app.router.add_post("/upload", upload)
+    app.router.add_get("/static/app.js", download)
+    app.router.add_get("/{tail:.*}", page)
+    return app
+
+
+async def answered_within(url: str, seconds: float) -> float | None:
+    started = time.monotonic()
+    try:
+        async with ClientSession() as session:
+            async with session.get(url, timeout=ClientTimeout(total=seconds)) as response:
+                await response.read()
+                return time.monotonic() - started
+    except TimeoutError:
+        return None
+
+
+@pytest.mark.xfail(strict=True, reason="review: slow request bodies hold the upstream pool")
+async def test_slow_request_bodies_from_one_address_take_every_upstream_connection(
+    serve_sidecar: ServeFactory,
+) -> None:
+    served = await serve_sidecar(console(), upstream={"read_timeout": "60s"})  # the default
+    writers = []
+    # upstream.max_connections (100) requests, under max_connections_per_address (256):
+    # each sends a complete head in time, then its body one byte at a time (or never).
+    for _ in range(100):
+        _, writer = await asyncio.open_connection("127.0.0.1", served.port)
+        writer.write(b"POST /upload HTTP/1.1\r\nHost: console\r\nContent-Length: 65536\r\n\r\nx")
+        await writer.drain()
+        writers.append(writer)
+    await asyncio.sleep(0.5)
+    try:
+        took = await answered_within(served.url("/"), 5)
+        assert took is not None, "an anonymous page load waited 5 s and more"
+    finally:
+        for writer in writers:
+            writer.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review: slow readers hold the upstream pool forever")
+async def test_clients_that_never_read_an_answer_hold_upstream_connections_forever(
+    serve_sidecar: ServeFactory,
+) -> None:
+    # A short read timeout, to show that it does not free them either.
+    served = await serve_sidecar(console(), upstream={"read_timeout": "1s"})
+    sockets = []
+    for _ in range(100):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", served.port))
+        # An exempt static asset: no identity, no MFA; then never read the answer.
+        await asyncio.get_running_loop().sock_sendall(
+            sock, b"GET /static/app.js HTTP/1.1\r\nHost: console\r\n\r\n"
+        )
+        sockets.append(sock)
+    await asyncio.sleep(3)  # three read timeouts later
+    try:
+        took = await answered_within(served.url("/"), 5)
+        assert took is not None, "an anonymous page load waited 5 s and more"
+    finally:
+        for sock in sockets:
+            sock.close()
