@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -260,3 +262,41 @@ async def test_a_console_cookie_left_out_of_introspect_cookies_still_reaches_the
     )
     body = await attacker.text()
     assert attacker.status == 403, body  # mfa_verification_required; today: the console page
+
+
+# --- refused admin actions leave an incomplete trail ------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="review: a refused reset is audited without its target")
+async def test_a_refused_reset_names_the_user_it_was_aimed_at(make_org: OrgFactory) -> None:
+    org = await make_org()
+    org.add_user("bob", "u-bob", role="admin")
+    org.add_user("carol", "u-carol")
+    await (await org.browser("bob")).enroll_totp()
+    # bob's console session is stolen; the thief has not got his second factor, and tries
+    # to reset carol's MFA (to enroll their own authenticator on her account next).
+    thief = await org.browser("bob", address="192.0.2.66")
+    refused = await thief.call("/mfa/api/admin/users/u-carol/reset-mfa")
+    assert refused.status == 403
+    records = org.audit("admin.refused")
+    assert len(records) == 1
+    assert "u-carol" in json.dumps(records[0]), records[0]  # today: only the route pattern
+
+
+@pytest.mark.xfail(strict=True, reason="review: suppressed admin refusals never reach the trail")
+async def test_every_refused_admin_call_reaches_the_audit_trail(
+    make_org: OrgFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    org = await make_org()
+    org.add_user("carol", "u-carol")
+    carol = await org.browser("carol", address="192.0.2.66")
+    for _ in range(30):  # a member probing the admin API in a burst, then stopping
+        assert (await carol.get("/mfa/api/admin/security")).status == 403
+    # Minutes later (and at shutdown) the trail still holds one record saying nothing of the
+    # other 29: they exist only in an unlabelled Prometheus counter.
+    later = time.monotonic() + 3600
+    monkeypatch.setattr("sidecar.mfa.admin.time.monotonic", lambda: later)
+    assert (await (await org.browser("carol")).get("/mfa/api/status")).status == 200
+    await org.servers[0].close()
+    records = org.audit("admin.refused")
+    assert sum(1 + r["details"].get("suppressed_before", 0) for r in records) == 30, records
