@@ -5,12 +5,15 @@ Marked xfail(strict=True): they fail today and turn red once fixed."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 import time
+from dataclasses import dataclass
 
 import pytest
 from aiohttp import ClientSession, ClientTimeout, WSMsgType, web
 
+from sidecar.listener import ConnectionCounts
 from tests.conftest import ServeFactory
 
 DOWNLOAD = b"x" * (4 * 1024 * 1024)  # a console's JS bundle, a report export...
@@ -120,3 +123,25 @@ async def test_open_websockets_take_every_upstream_connection(
         finally:
             for socket_ in sockets:
                 await socket_.close()
+
+
+@dataclass(frozen=True)
+class Limits:
+    header_timeout: float = 15.0
+    max_connections: int = 10_000  # the defaults
+    max_connections_per_address: int = 256
+
+
+@pytest.mark.xfail(strict=True, reason="review: the per-address cap counts IPv6 per /128")
+def test_one_ipv6_host_cannot_take_every_connection_slot() -> None:
+    """Any IPv6 host holds a /64 (a cloud VM, a home line): as far as the per-address cap is
+    concerned it is 2**64 clients, so it alone fills listen.max_connections. Each of its
+    connections sends one request an hour (kept alive for aiohttp's 3630 s), and everyone
+    else is answered 503. (blocked_audit already aggregates IPv6 per /64.)"""
+    counts = ConnectionCounts()
+    attacker = ipaddress.IPv6Network("2001:db8:66:66::/64")
+    admitted = sum(
+        counts.admit(attacker[i], exempt=False, limits=Limits()) is None for i in range(1, 10_001)
+    )
+    assert admitted <= Limits().max_connections_per_address
+    assert counts.admit(ipaddress.ip_address("198.51.100.7"), exempt=False, limits=Limits()) is None
