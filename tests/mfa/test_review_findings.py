@@ -81,7 +81,7 @@ async def test_role_change_after_admins_to_all_restarts_an_overdue_grace_clock(
 ) -> None:
     org = await make_org(
         security={"mfa_policy": "admins", "grace_period": "72h"},
-        identity={"introspect": {"cache_ttl": "0s"}},
+        identity={"introspect": {"cache_ttl": "0s"}},  # role changes seen at once
         replicas=2,
     )
     org.add_user("alice", "u-alice", role="admin")
