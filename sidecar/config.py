@@ -236,6 +236,7 @@ class Listen(_Section):
     header_timeout: PositiveDuration = 15.0
     # Open connections, in total and from one TCP peer address (trusted proxies exempt).
     max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
+    # Per client: an IPv4 address or an IPv6 /64 (sidecar.net.client_key).
     max_connections_per_address: Annotated[int, Field(ge=1, le=1_000_000)] = 256
     # How long an idle kept-alive client connection stays open; above the balancer's own
     # idle timeout when one is in front (else it may reuse a connection being closed).

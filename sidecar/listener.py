@@ -16,20 +16,22 @@ descriptors. Promises, per process:
   client pipelines behind a request it has not received the answer to (browsers never do)
   are bounded by the keep-alive timeout, like an idle connection.
 - **Connection caps**: at most ``listen.max_connections`` connections open, and at most
-  ``listen.max_connections_per_address`` from one TCP peer address, except peers in
-  ``network.trusted_proxies`` (a balancer carries many clients). A connection over a cap is
-  answered ``503 Service Unavailable`` with ``Connection: close`` and closed before any of
-  its bytes are read.
+  ``listen.max_connections_per_address`` from one client, except peers in
+  ``network.trusted_proxies`` (a balancer carries many clients; its connections count in the
+  total only). A connection over a cap is answered ``503 Service Unavailable`` with
+  ``Connection: close`` and closed before any of its bytes are read.
 - The limits and the trusted proxies are read when a connection is accepted, from the live
   settings: a reload applies to new connections. Each refusal is counted in
   ``sidecar_connections_refused_total{reason}`` and open connections in
   ``sidecar_open_connections``; refusals are logged at most once per reason every 10 s.
 
 Security assumptions: the address counted is the TCP peer, as the kernel reports it (never
-a forwarded header: none has been read when a connection is accepted). IPv6 addresses count
-one by one, as IPv4 addresses behind one NAT count as one. With ``workers: N`` each process
-enforces its own caps: the listener as a whole holds up to N times them (the kernel spreads
-connections over the processes).
+a forwarded header: none has been read when a connection is accepted). One client is an IPv4
+address or an IPv6 /64 (:func:`sidecar.net.client_key`): any IPv6 host holds a whole /64, and
+counted per address it alone could fill ``max_connections``. Everyone behind one NAT address,
+or on one IPv6 LAN, shares the cap. With ``workers: N`` each process enforces its own caps:
+the listener as a whole holds up to N times them (the kernel spreads connections over the
+processes).
 
 How: this hooks into aiohttp 3.x internals, kept to a few overrides. ``web.Server`` is the
 protocol factory (``__call__`` builds a ``web_protocol.RequestHandler`` per connection);
@@ -52,7 +54,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from sidecar.logs import fields
-from sidecar.net import IpAddress, parse_ip
+from sidecar.net import ClientKey, IpAddress, client_key, parse_ip
 
 log = logging.getLogger("sidecar.listener")
 
@@ -96,39 +98,49 @@ class ConnectionMetrics(Protocol):
 
 
 class ConnectionCounts:
-    """Open connections, in total and per peer address; decides admission. No I/O."""
+    """Open connections, in total and per client (an IPv4 address or an IPv6 /64, see
+    :func:`sidecar.net.client_key`); decides admission. No I/O."""
 
-    __slots__ = ("_by_address", "total")
+    __slots__ = ("_by_client", "total")
 
     def __init__(self) -> None:
         self.total = 0
-        self._by_address: dict[IpAddress | None, int] = {}
+        self._by_client: dict[ClientKey, int] = {}
 
     def from_address(self, address: IpAddress | None) -> int:
-        return self._by_address.get(address, 0)
+        """Connections counted against the client ``address`` belongs to."""
+        return self._by_client.get(client_key(address), 0) if address is not None else 0
 
     def admit(
         self, address: IpAddress | None, *, exempt: bool, limits: ListenerLimits
     ) -> Refusal | None:
         """Count the connection in and return None, or return why it is refused (and count
-        nothing). ``exempt`` peers are counted but never refused per address."""
+        nothing). ``exempt`` peers (trusted proxies) count in the total only: a balancer's
+        connections never use up the slots of the addresses next to it (its /64)."""
         if self.total >= limits.max_connections:
             return "total"
-        held = self._by_address.get(address, 0)
-        if not exempt and held >= limits.max_connections_per_address:
+        if exempt or address is None:
+            self.total += 1
+            return None
+        key = client_key(address)
+        held = self._by_client.get(key, 0)
+        if held >= limits.max_connections_per_address:
             return "per_address"
         self.total += 1
-        self._by_address[address] = held + 1
+        self._by_client[key] = held + 1
         return None
 
-    def release(self, address: IpAddress | None) -> None:
-        """Count out a connection that :meth:`admit` counted in."""
+    def release(self, address: IpAddress | None, *, exempt: bool = False) -> None:
+        """Count out a connection that :meth:`admit` counted in (with the same ``exempt``)."""
         self.total -= 1
-        held = self._by_address[address] - 1
+        if exempt or address is None:
+            return
+        key = client_key(address)
+        held = self._by_client[key] - 1
         if held:
-            self._by_address[address] = held
+            self._by_client[key] = held
         else:
-            del self._by_address[address]
+            del self._by_client[key]
 
 
 class ConnectionGuard:
@@ -148,8 +160,11 @@ class ConnectionGuard:
         self._last_logged: dict[Refusal, float] = {}
         self._unlogged: dict[Refusal, int] = dict.fromkeys(REFUSALS, 0)
 
-    def admit(self, address: IpAddress | None) -> Refusal | None:
-        exempt = address is not None and self._exempt(address)
+    def is_exempt(self, address: IpAddress | None) -> bool:
+        """Whether ``address`` is a trusted proxy, exempt from the per-address cap."""
+        return address is not None and self._exempt(address)
+
+    def admit(self, address: IpAddress | None, *, exempt: bool) -> Refusal | None:
         refusal = self.counts.admit(address, exempt=exempt, limits=self.limits())
         if refusal is None:
             self._metrics.connection_opened()
@@ -157,8 +172,8 @@ class ConnectionGuard:
             self.refused(refusal, address)
         return refusal
 
-    def release(self, address: IpAddress | None) -> None:
-        self.counts.release(address)
+    def release(self, address: IpAddress | None, *, exempt: bool) -> None:
+        self.counts.release(address, exempt=exempt)
         self._metrics.connection_closed()
 
     def refused(self, reason: Refusal, address: IpAddress | None) -> None:
@@ -193,12 +208,21 @@ def _peer_address(transport: asyncio.BaseTransport) -> IpAddress | None:
 class _GuardedHandler(RequestHandler):
     """aiohttp's per-connection protocol, with admission and the head deadline."""
 
-    __slots__ = ("_admitted", "_guard", "_head_bytes", "_head_timer", "_heads_at_arm", "_peer")
+    __slots__ = (
+        "_admitted",
+        "_exempt",
+        "_guard",
+        "_head_bytes",
+        "_head_timer",
+        "_heads_at_arm",
+        "_peer",
+    )
 
     def __init__(self, manager: web.Server, *, guard: ConnectionGuard, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._guard = guard
         self._peer: IpAddress | None = None
+        self._exempt = False
         self._admitted = False
         self._head_timer: asyncio.TimerHandle | None = None
         self._heads_at_arm = 0
@@ -206,7 +230,8 @@ class _GuardedHandler(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._peer = _peer_address(transport)
-        if self._guard.admit(self._peer) is not None:
+        self._exempt = self._guard.is_exempt(self._peer)
+        if self._guard.admit(self._peer, exempt=self._exempt) is not None:
             # Not handed to aiohttp at all: nothing of this connection is read or parsed.
             refused = cast(asyncio.Transport, transport)
             refused.write(_SERVICE_UNAVAILABLE)
@@ -235,7 +260,7 @@ class _GuardedHandler(RequestHandler):
             return
         self._admitted = False
         self._disarm_head_deadline()
-        self._guard.release(self._peer)
+        self._guard.release(self._peer, exempt=self._exempt)
         super().connection_lost(exc)
 
     def _arm_head_deadline(self) -> None:

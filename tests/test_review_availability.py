@@ -132,7 +132,6 @@ class Limits:
     max_connections_per_address: int = 256
 
 
-@pytest.mark.xfail(strict=True, reason="review: the per-address cap counts IPv6 per /128")
 def test_one_ipv6_host_cannot_take_every_connection_slot() -> None:
     """Any IPv6 host holds a /64 (a cloud VM, a home line): as far as the per-address cap is
     concerned it is 2**64 clients, so it alone fills listen.max_connections. Each of its

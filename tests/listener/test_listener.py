@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import ipaddress
 import logging
 import resource
 from collections.abc import Awaitable, Callable
@@ -298,26 +299,39 @@ class Limits:
 
 
 A, B = parse_ip("192.0.2.1"), parse_ip("2001:db8::1")
+A2 = parse_ip("192.0.2.2")  # A's neighbour: IPv4 counts address by address
+B2 = parse_ip("2001:db8::ffff:ffff:ffff:fffe")  # in B's /64
+B3 = parse_ip("2001:db8:0:1::1")  # the next /64
+MAPPED_A = ipaddress.IPv6Address("::ffff:192.0.2.1")  # A as a dual-stack socket reports it
 
 
 @pytest.mark.parametrize(
-    ("opened", "address", "exempt", "expected"),
+    ("opened", "trusted", "address", "exempt", "expected"),
     [
-        pytest.param([], A, False, None, id="first"),
-        pytest.param([A], A, False, None, id="second from one address"),
-        pytest.param([A, A], A, False, "per_address", id="third from one address"),
-        pytest.param([A, A], A, True, None, id="third from a trusted proxy"),
-        pytest.param([A, A], B, False, None, id="another address"),
-        pytest.param([A, A, B], B, True, "total", id="total applies to trusted proxies"),
-        pytest.param([A, B], None, False, None, id="unknown peer"),
+        pytest.param([], [], A, False, None, id="first"),
+        pytest.param([A], [], A, False, None, id="second from one address"),
+        pytest.param([A, A], [], A, False, "per_address", id="third from one address"),
+        pytest.param([A, A], [], MAPPED_A, False, "per_address", id="third, IPv4-mapped"),
+        pytest.param([A, A], [], A, True, None, id="third from a trusted proxy"),
+        pytest.param([A, A], [], B, False, None, id="another address"),
+        pytest.param([A, A], [], A2, False, None, id="the next IPv4 address"),
+        pytest.param([B, B2], [], B, False, "per_address", id="third from one IPv6 /64"),
+        pytest.param([B, B2], [], B3, False, None, id="the next IPv6 /64"),
+        pytest.param([], [B, B], B2, False, None, id="a trusted proxy's /64 neighbour"),
+        pytest.param([A, A, B], [], B, True, "total", id="total applies to trusted proxies"),
+        pytest.param([A, B], [], None, False, None, id="unknown peer"),
     ],
 )
-def test_admission(opened: list[Any], address: Any, exempt: bool, expected: str | None) -> None:
+def test_admission(
+    opened: list[Any], trusted: list[Any], address: Any, exempt: bool, expected: str | None
+) -> None:
     counts = ConnectionCounts()
     for each in opened:
+        assert counts.admit(each, exempt=False, limits=Limits()) is None
+    for each in trusted:
         assert counts.admit(each, exempt=True, limits=Limits()) is None
     assert counts.admit(address, exempt=exempt, limits=Limits()) == expected
-    assert counts.total == len(opened) + (expected is None)
+    assert counts.total == len(opened) + len(trusted) + (expected is None)
 
 
 def test_released_connections_free_their_slots() -> None:
@@ -330,6 +344,20 @@ def test_released_connections_free_their_slots() -> None:
     counts.release(A)
     counts.release(A)
     assert (counts.total, counts.from_address(A)) == (0, 0)
+
+
+def test_released_ipv6_connections_free_their_slot_of_the_64() -> None:
+    counts = ConnectionCounts()
+    assert counts.admit(B, exempt=False, limits=Limits()) is None
+    assert counts.admit(B2, exempt=False, limits=Limits()) is None
+    assert counts.admit(B, exempt=True, limits=Limits()) is None  # B became a trusted proxy
+    assert counts.from_address(B3) == 0
+    assert counts.from_address(B) == counts.from_address(B2) == 2
+    counts.release(B2)
+    counts.release(B, exempt=True)
+    assert (counts.total, counts.from_address(B)) == (1, 1)
+    counts.release(B)
+    assert (counts.total, counts.from_address(B2)) == (0, 0)
 
 
 def test_open_files_limit_is_raised_to_the_hard_limit(caplog: pytest.LogCaptureFixture) -> None:
