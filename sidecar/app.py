@@ -14,7 +14,7 @@ The pipeline, outermost first (DESIGN "What it is"):
 
 Long-lived parts are created in one cleanup context, in dependency order: the store (migrated
 at start), the live settings (loaded, then polled), the identity provider, the upstream pool;
-the writer of aggregated ``ip.blocked`` records runs in a second one, inside the first.
+the writer of aggregated ``ip.blocked`` records runs in a second one, inside the first,.
 """
 
 from __future__ import annotations
@@ -178,7 +178,9 @@ def build_app(
     proxy = Proxy(
         transport=lambda: app[UPSTREAM],
         metrics=metrics,
-        max_body_size=config.listen.max_body_size,
+        live=live,
+        max_requests_per_client=config.upstream.max_requests_per_client,
+        max_websockets_per_client=config.upstream.max_websockets_per_client,
         websocket_max_message=config.upstream.websocket_max_message,
         session_cookie=config.mfa.session.cookie_name,
         identity_headers=identity_header_names(config),
@@ -242,7 +244,6 @@ async def apply_config(app: web.Application, new: Config) -> list[str]:
     live.config = new
     app[MFA].config = new
     app[HANDLERS].reconfigure(new)
-    app[PROXY].max_body_size = new.listen.max_body_size
     if new.logging != old.logging:
         configure_logging(new.logging.level, new.logging.format)
     if provider is not None:
