@@ -241,6 +241,9 @@ class Listen(_Section):
     # A request body that sends no byte for this long is cut off (408 if nothing was
     # answered yet): it holds an upstream connection while it is streamed.
     body_timeout: PositiveDuration = 60.0
+    # A client that takes none of what is sent to it for this long is disconnected (as
+    # nginx's send_timeout): it holds an upstream connection or a WebSocket relay.
+    send_timeout: PositiveDuration = 60.0
     # How long an idle kept-alive client connection stays open; above the balancer's own
     # idle timeout when one is in front (else it may reuse a connection being closed).
     keepalive_timeout: PositiveDuration = 75.0

@@ -41,7 +41,7 @@ _REQUEST_BUCKETS = (
 #: max_websockets_per_client reached (503); per_client: upstream.max_requests_per_client
 #: reached (503).
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "protocol", "pool", "websockets", "per_client")
-CONNECTION_REFUSALS = ("total", "per_address", "header_timeout", "body_timeout")
+CONNECTION_REFUSALS = ("total", "per_address", "header_timeout", "body_timeout", "send_timeout")
 
 
 class Metrics:
@@ -101,7 +101,8 @@ class Metrics:
             "Connections the public listener refused or closed: over listen.max_connections "
             "(total), over listen.max_connections_per_address (per_address), no complete "
             "request head within listen.header_timeout (header_timeout), no request body "
-            "bytes within listen.body_timeout (body_timeout)",
+            "bytes within listen.body_timeout (body_timeout), nothing sent taken by the "
+            "client within listen.send_timeout (send_timeout)",
             ["reason"],
             registry=r,
         )

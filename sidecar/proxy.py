@@ -20,7 +20,8 @@ This module owns the last pipeline stage (DESIGN step 6). Its promises:
   connections: at most ``upstream.max_websockets`` are relayed, at most
   ``upstream.max_websockets_per_client`` for one client. Beyond any of these the answer is
   503 with ``Retry-After`` (decision ``upstream_error``, counted by kind: ``pool``,
-  ``per_client``, ``websockets``).
+  ``per_client``, ``websockets``). A client that stops reading its answer is cut off by the
+  listener (``listen.send_timeout``), which frees the upstream connection it held.
 - WebSockets are relayed without compression on either leg (permessage-deflate is neither
   offered nor accepted, and a frame marked compressed is a protocol error, never inflated),
   and a message over ``upstream.websocket_max_message`` in either direction closes the

@@ -2,9 +2,9 @@
 one address held every upstream connection, so the console was unreachable for everyone.
 Fixed: the pool has a deadline (upstream.pool_timeout), one client has a share of it
 (upstream.max_requests_per_client), WebSockets are counted apart (upstream.max_websockets),
-bodies have an idle deadline (listen.body_timeout), and one IPv6 /64 counts as one address
-(listen.max_connections_per_address). tests/test_upstream_capacity.py and tests/listener
-push each of those limits."""
+bodies and slow readers have idle deadlines (listen.body_timeout, send_timeout), and one IPv6
+/64 counts as one address (listen.max_connections_per_address). tests/test_upstream_capacity.py
+and tests/listener push each of those limits."""
 
 from __future__ import annotations
 

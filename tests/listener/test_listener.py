@@ -13,8 +13,10 @@ import importlib.util
 import ipaddress
 import logging
 import resource
+import socket
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from sidecar.app import METRICS, apply_config
-from sidecar.listener import ConnectionCounts, raise_open_files_limit
+from sidecar.app import METRICS, UPSTREAM, apply_config
+from sidecar.listener import ConnectionCounts, _GuardedHandler, raise_open_files_limit
 from sidecar.net import parse_ip
+from sidecar.proxy import AiohttpUpstream
 from tests.conftest import Served, ServeFactory, make_config
 from tests.process import run_sidecar
 from tests.test_operations import children, metric, wait_for
@@ -286,6 +289,162 @@ async def test_a_reload_applies_new_caps_to_new_connections(listener: Start) -> 
     assert await read_all(reader) == b""
     assert sidecar.refused("header_timeout") == 1
     writer.close()
+
+
+# --- the send deadline ----------------------------------------------------------------------
+
+CHUNK = b"x" * 65536
+
+
+@dataclass
+class Sender:
+    """A console that sends: what it sent, and whether its sending was cut off."""
+
+    sent: int = 0
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+SENDER = web.AppKey("sender", Sender)
+
+
+def sending_console() -> web.Application:
+    """``/stream``: an answer without end (a long export); ``/download/N``: N bytes;
+    ``/ws``: a WebSocket that sends without end from the start."""
+    app = web.Application()
+    app[SENDER] = sender = Sender()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        try:
+            while True:
+                await response.write(CHUNK)
+                sender.sent += len(CHUNK)
+        finally:  # the sidecar let go of the connection: the write fails or is cancelled
+            sender.stopped.set()
+
+    async def download(request: web.Request) -> web.Response:
+        return web.Response(body=b"y" * int(request.match_info["size"]))
+
+    async def ws(request: web.Request) -> web.WebSocketResponse:
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+
+        async def send() -> None:
+            while not socket.closed:
+                await socket.send_bytes(CHUNK)
+                sender.sent += len(CHUNK)
+
+        sending = asyncio.create_task(send())
+        try:
+            async for _ in socket:  # reading, as consoles do: a close is answered
+                pass
+        finally:
+            sending.cancel()
+            sender.stopped.set()
+        return socket
+
+    app.router.add_get("/stream", stream)
+    app.router.add_get("/download/{size}", download)
+    app.router.add_get("/ws", ws)
+    return app
+
+
+async def non_reading_client(port: int, request: bytes) -> socket.socket:
+    """A client that sends ``request`` and then never reads (a small receive buffer)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    await loop.sock_sendall(sock, request)
+    return sock
+
+
+def send_refusals(served: Served) -> float:
+    value: float = served.app[METRICS].connections_refused_total.labels("send_timeout")._value.get()
+    return value
+
+
+WEBSOCKET_HANDSHAKE = (
+    b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+@both_loops
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        pytest.param(b"GET /stream HTTP/1.1\r\nHost: localhost\r\n\r\n", id="an answer"),
+        pytest.param(WEBSOCKET_HANDSHAKE, id="a WebSocket"),
+    ],
+)
+async def test_a_client_that_stops_reading_is_cut_off_and_frees_the_upstream(
+    serve_sidecar: ServeFactory, request_bytes: bytes
+) -> None:
+    console = sending_console()
+    served = await serve_sidecar(console, listen={"send_timeout": "0.5s"})
+    sock = await non_reading_client(served.port, request_bytes)
+    try:
+        # The sidecar gives up on the client, so the console's connection is let go of too.
+        await asyncio.wait_for(console[SENDER].stopped.wait(), 15)
+        assert send_refusals(served) == 1
+        upstream = served.app[UPSTREAM]
+        assert isinstance(upstream, AiohttpUpstream)
+        for _ in range(200):
+            if (upstream.requests, upstream.websockets) == (0, 0):
+                break
+            await asyncio.sleep(0.025)
+        assert (upstream.requests, upstream.websockets) == (0, 0)
+        await asyncio.sleep(0)
+        assert served.runner.guard.counts.total == 0  # the client's connection is gone
+    finally:
+        sock.close()
+
+
+@both_loops
+async def test_a_client_that_reads_slowly_but_steadily_is_not_cut_off(
+    serve_sidecar: ServeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each period the client takes less than the transport's flow-control window (it stays
+    paused), but it takes something: a new period starts, the download completes."""
+    checks: list[int] = []
+    deadline_passed = _GuardedHandler._send_deadline_passed
+
+    def counted(self: _GuardedHandler) -> None:
+        checks.append(1)
+        deadline_passed(self)
+
+    monkeypatch.setattr(_GuardedHandler, "_send_deadline_passed", counted)
+    size = 16 * 1024 * 1024  # more than the kernel's socket buffers hold on the way
+    served = await serve_sidecar(sending_console(), listen={"send_timeout": "1s"})
+    sock = await non_reading_client(
+        served.port, b"GET /download/%d HTTP/1.1\r\nHost: localhost\r\n\r\n" % size
+    )
+    loop = asyncio.get_running_loop()
+
+    async def take(count: int) -> bytes:
+        chunk = await asyncio.wait_for(loop.sock_recv(sock, count), 10)
+        assert chunk, "cut off"
+        return chunk
+
+    received = b""
+    try:
+        await asyncio.sleep(0.5)  # every buffer on the way fills up: the sidecar waits
+        slow_until = time.monotonic() + 3
+        while time.monotonic() < slow_until:  # 3 periods of 8 KiB every 0.1 s
+            received += await take(8192)
+            await asyncio.sleep(0.1)
+        while len(received) < size + 100:  # then the rest, at full speed
+            received += await take(65536)
+            if received.endswith(b"y" * 100) and len(received.partition(b"\r\n\r\n")[2]) >= size:
+                break
+    finally:
+        sock.close()
+    assert received.partition(b"\r\n\r\n")[2] == b"y" * size
+    assert send_refusals(served) == 0
+    assert checks, "the send deadline never came up: the test proves nothing"
 
 
 # --- pure parts -----------------------------------------------------------------------------
