@@ -26,6 +26,9 @@ This module owns the last pipeline stage (DESIGN step 6). Its promises:
   offered nor accepted, and a frame marked compressed is a protocol error, never inflated),
   and a message over ``upstream.websocket_max_message`` in either direction closes the
   relay with 1009; aiohttp refuses it from the frame header, before buffering the payload.
+- Each relayed WebSocket is kept with what it was admitted on (:class:`Admission`), so that
+  it can be judged again while it is open (``sidecar.websocket_review``) and ended with a
+  close code of the sidecar's choosing (:meth:`RelayedWebSocket.end`).
 
 The hop to the upstream sits behind :class:`UpstreamTransport` so that a leaner transport can
 replace aiohttp's ``ClientSession`` (most of the per-request CPU) without touching the rest.
@@ -58,13 +61,23 @@ from sidecar.http_fields import (
     UPSTREAM_MAX_HEADERS,
 )
 from sidecar.http_fields import connection_tokens as _connection_tokens_of
-from sidecar.identity.base import console_cookies
+from sidecar.identity.base import Identity, console_cookies
 from sidecar.live import LiveSettings
 from sidecar.logs import describe_error as _describe
 from sidecar.metrics import Metrics
-from sidecar.net import ClientKey, client_key
+from sidecar.mfa.session import SessionView
+from sidecar.net import ClientKey, IpAddress, client_key
 from sidecar.paths import is_under, may_reach_prefix
-from sidecar.state import CLIENT_IP, DECISION, FORWARDING, PEER_TRUSTED, REASON, UPSTREAM_STATUS
+from sidecar.state import (
+    CLIENT_IP,
+    DECISION,
+    FORWARDING,
+    IDENTITY,
+    MFA_SESSION,
+    PEER_TRUSTED,
+    REASON,
+    UPSTREAM_STATUS,
+)
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -409,6 +422,50 @@ class ClientSlots:
             del self._held[client]
 
 
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What a relayed WebSocket was let through on, to be judged on again while it is open.
+
+    ``identity`` and ``session`` are what the identity stage and the MFA gate read at the
+    upgrade; None when that stage did not look (anonymous, an exempt path, an API token
+    the MFA gate lets pass). The identity is not asked again: the console ends its own
+    sessions' WebSockets on logout.
+    """
+
+    client_ip: IpAddress
+    raw_path: str
+    identity: Identity | None
+    session: SessionView | None
+
+
+class RelayedWebSocket:
+    """One relayed WebSocket: its two ends, what it was admitted on, and a way to end it."""
+
+    __slots__ = ("_ended", "admission", "client", "console")
+
+    def __init__(
+        self,
+        client: web.WebSocketResponse,
+        console: aiohttp.ClientWebSocketResponse,
+        admission: Admission,
+    ) -> None:
+        self.client = client
+        self.console = console
+        self.admission = admission
+        self._ended: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
+
+    def end(self, code: int, reason: str) -> None:
+        """Stop relaying: the client is closed with ``code`` and ``reason`` (e.g. 1008, policy
+        violation), the console with 1001 (going away: it did nothing wrong) and the same
+        reason. Done by the relay's own task, soon after; calling it again changes nothing."""
+        if not self._ended.done():
+            self._ended.set_result((code, reason))
+
+    @property
+    def ended(self) -> asyncio.Future[tuple[int, str]]:
+        return self._ended
+
+
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
     return _connection_tokens_of(headers.getall("Connection", ()))
 
@@ -465,14 +522,14 @@ class Proxy:
         #: Upstream requests and relayed WebSockets, per client.
         self.requests_by_client = ClientSlots(max_requests_per_client)
         self.websockets_by_client = ClientSlots(max_websockets_per_client)
-        #: Relayed WebSockets, so that a shutdown can close them properly (1001).
-        self.open_websockets: set[tuple[web.WebSocketResponse, aiohttp.ClientWebSocketResponse]]
-        self.open_websockets = set()
+        #: Relayed WebSockets: judged again while open (sidecar.websocket_review), closed
+        #: properly (1001) by a shutdown.
+        self.open_websockets: set[RelayedWebSocket] = set()
 
     async def close_websockets(self, reason: bytes = b"server shutting down") -> None:
         """Close every relayed WebSocket on both sides with 1001 (going away)."""
-        for downstream, upstream in list(self.open_websockets):
-            for side in (downstream, upstream):
+        for relay in list(self.open_websockets):
+            for side in (relay.client, relay.console):
                 with contextlib.suppress(ConnectionError, aiohttp.ClientError, RuntimeError):
                     await side.close(code=1001, message=reason)
 
@@ -655,6 +712,14 @@ class Proxy:
             for p in line.split(",")
             if p.strip()
         )
+        client_ip = request[CLIENT_IP]
+        assert client_ip is not None  # the client-IP stage refuses requests without one
+        admission = Admission(
+            client_ip=client_ip,
+            raw_path=request.rel_url.raw_path,
+            identity=request.get(IDENTITY),
+            session=request.get(MFA_SESSION),
+        )
         try:
             async with self._transport().websocket(target, headers, offered) as upstream:
                 request[UPSTREAM_STATUS] = 101
@@ -668,12 +733,12 @@ class Proxy:
                     max_msg_size=reader_limit(self._websocket_max_message),
                 )
                 await downstream.prepare(request)
-                pair = (downstream, upstream)
-                self.open_websockets.add(pair)
+                relay = RelayedWebSocket(downstream, upstream, admission)
+                self.open_websockets.add(relay)
                 try:
-                    await _pump_websockets(downstream, upstream)
+                    await _pump_websockets(relay)
                 finally:
-                    self.open_websockets.discard(pair)
+                    self.open_websockets.discard(relay)
                 return downstream
         except UpstreamHandshakeRefused as refused:
             request[UPSTREAM_STATUS] = refused.status
@@ -735,11 +800,11 @@ def close_code_for_peer(error: BaseException | None, *, from_client: bool) -> in
     return 1014
 
 
-async def _pump_websockets(
-    downstream: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse
-) -> None:
-    """Relay frames both ways until either side closes; close codes and reasons, ping and
-    pong payloads pass through unchanged."""
+async def _pump_websockets(relay: RelayedWebSocket) -> None:
+    """Relay frames both ways until either side closes, or the relay is ended
+    (:meth:`RelayedWebSocket.end`); close codes and reasons, ping and pong payloads pass
+    through unchanged."""
+    downstream, upstream = relay.client, relay.console
 
     async def pump(source: WsSide, sink: WsSide, *, from_client: bool) -> tuple[int, str]:
         while True:
@@ -762,7 +827,7 @@ async def _pump_websockets(
     to_downstream = asyncio.ensure_future(pump(upstream, downstream, from_client=False))
     try:
         done, _ = await asyncio.wait(
-            (to_upstream, to_downstream), return_when=asyncio.FIRST_COMPLETED
+            (to_upstream, to_downstream, relay.ended), return_when=asyncio.FIRST_COMPLETED
         )
     finally:
         # Also when this handler is cancelled (shutdown): never leave a pump running.
@@ -772,6 +837,14 @@ async def _pump_websockets(
         for task in (to_upstream, to_downstream):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+    if relay.ended in done:
+        # Ended by the sidecar (no longer allowed): that wins over a close crossing it.
+        code, reason = relay.ended.result()
+        with contextlib.suppress(ConnectionError, aiohttp.ClientError, RuntimeError):
+            await downstream.close(code=code, message=reason.encode())
+        with contextlib.suppress(ConnectionError, aiohttp.ClientError, RuntimeError):
+            await upstream.close(code=WSCloseCode.GOING_AWAY, message=reason.encode())
+        return
     first = done.pop()
     try:
         code, reason = first.result()

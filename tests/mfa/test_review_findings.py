@@ -205,7 +205,6 @@ def kates_browser(deployment: Deployment, cookies: dict[str, str]) -> Browser:
     return Browser(client, "198.51.100.7")
 
 
-@pytest.mark.xfail(strict=True, reason="review: WebSockets are judged once, at the upgrade")
 async def test_an_open_websocket_outlives_the_denylist_and_an_mfa_reset(
     deploy: Callable[..., Awaitable[Deployment]],
 ) -> None:
