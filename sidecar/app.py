@@ -165,6 +165,11 @@ def build_app(
             await gauges
         await settings.stop()
         await app[UPSTREAM].close()
+        # Requests have drained: providers retired by reloads are closed now, not 30 s on.
+        background = list(_background_tasks(app))
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         await identity.provider.close()
         await store.close()
         audit.close()
@@ -262,8 +267,11 @@ async def apply_config(app: web.Application, new: Config) -> list[str]:
         ref.provider = provider
 
         async def close_later() -> None:
-            await asyncio.sleep(30)  # let requests that hold the old provider finish
-            await retired.close()
+            try:
+                await asyncio.sleep(30)  # let requests that hold the old provider finish
+            finally:
+                # Also when the app stops first: the lifecycle cancels this task.
+                await retired.close()
 
         task = asyncio.get_running_loop().create_task(close_later())
         _background_tasks(app).add(task)

@@ -12,8 +12,9 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from sidecar.app import LIVE, METRICS, STORE, build_app
+from sidecar.app import IDENTITY_PROVIDER, LIVE, METRICS, STORE, build_app
 from sidecar.config import load_config
+from sidecar.identity.introspect import IntrospectProvider
 from sidecar.reload import Reloader
 from sidecar.store.base import StoreUnavailable
 from tests.conftest import raw_config
@@ -98,3 +99,21 @@ async def test_a_store_unreachable_at_start_is_migrated_and_loaded_when_it_appea
         assert time.monotonic() < deadline, "not recovered"
         await asyncio.sleep(0.1)
     assert (await client.get("/anything")).status == 502  # judged, then forwarded (no upstream)
+
+
+async def test_a_provider_retired_by_a_reload_is_closed_when_the_app_stops(
+    tmp_path: Path, aiohttp_client: Callable[..., Awaitable[Client]]
+) -> None:
+    # Left to its 30 s timer, a retired introspection provider's HTTP session outlived the
+    # app (an unclosed-session warning at exit, or in whichever test ran next).
+    client, path, raw = await start(tmp_path, aiohttp_client)
+    app = client.app
+    retired = app[IDENTITY_PROVIDER].provider
+    assert isinstance(retired, IntrospectProvider)
+    raw["identity"] = {"introspect": {"cache_ttl": "10s"}}
+    path.write_text(yaml.safe_dump(raw))
+    assert await Reloader(app, path).reload("test") is True
+    assert app[IDENTITY_PROVIDER].provider is not retired
+    assert not retired._closed  # requests may still hold it
+    await client.close()
+    assert retired._closed
