@@ -14,7 +14,8 @@ The pipeline, outermost first (DESIGN "What it is"):
 
 Long-lived parts are created in one cleanup context, in dependency order: the store (migrated
 at start), the live settings (loaded, then polled), the identity provider, the upstream pool;
-the writer of aggregated ``ip.blocked`` records runs in a second one, inside the first.
+the writer of aggregated ``ip.blocked`` records runs in a second one, inside the first, and
+the review of open WebSockets (``sidecar.websocket_review``) in a third.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from sidecar.refused_summary import RefusedSummary
 from sidecar.settings import ParsedLists, SettingsService, networks
 from sidecar.store import SqlStore, open_store
 from sidecar.store.base import SecuritySettings, Store, StoreUnavailable
+from sidecar.websocket_review import WebSocketReview
 
 METRICS = web.AppKey("sidecar.metrics", Metrics)
 LIVE = web.AppKey("sidecar.live", LiveSettings)
@@ -73,6 +75,7 @@ HANDLERS = web.AppKey("sidecar.handlers", Handlers)
 PROXY = web.AppKey("sidecar.proxy", Proxy)
 IN_FLIGHT = web.AppKey("sidecar.in_flight", InFlight)
 BACKGROUND = web.AppKey("sidecar.background", set[asyncio.Task[None]])
+WEBSOCKET_REVIEW = web.AppKey("sidecar.websocket_review", WebSocketReview)
 
 # The sidecar's own JSON API never needs large bodies; proxied bodies are streamed and
 # limited separately by listen.max_body_size.
@@ -194,13 +197,22 @@ def build_app(
     proxy = Proxy(
         transport=lambda: app[UPSTREAM],
         metrics=metrics,
-        max_body_size=config.listen.max_body_size,
+        live=live,
+        max_requests_per_client=config.upstream.max_requests_per_client,
+        max_websockets_per_client=config.upstream.max_websockets_per_client,
         websocket_max_message=config.upstream.websocket_max_message,
         session_cookie=config.mfa.session.cookie_name,
         identity_headers=identity_header_names(config),
         prefix=config.mfa.path_prefix,
     )
     app[PROXY] = proxy
+    # Relayed WebSockets are judged again while open: periodically, and at each settings
+    # change (swap_network_policy, apply_config wake it).
+    review = WebSocketReview(
+        live=live, settings=settings, service=service, relays=lambda: proxy.open_websockets
+    )
+    app[WEBSOCKET_REVIEW] = review
+    app.cleanup_ctx.append(review.lifecycle())
     # The catch-all: the pipeline's stages (IP gate, identity, MFA gate) guard it.
     register(app, "", [Route("*", "/{tail:.*}", proxy.handle, frozenset())])
     return app
@@ -316,7 +328,6 @@ async def apply_config(app: web.Application, new: Config) -> list[str]:
     live.config = new
     app[MFA].config = new
     app[HANDLERS].reconfigure(new)
-    app[PROXY].max_body_size = new.listen.max_body_size
     if new.logging != old.logging:
         configure_logging(new.logging.level, new.logging.format)
     if provider is not None:
@@ -344,6 +355,7 @@ async def apply_config(app: web.Application, new: Config) -> list[str]:
                 denylist=networks(current.ip_denylist),
             ),
         )
+    app[WEBSOCKET_REVIEW].wake()  # exempt paths, verify_every... apply to open WebSockets
     return restart
 
 
@@ -378,9 +390,11 @@ def _count_ip_rules(metrics: Metrics, live: LiveSettings) -> None:
 
 
 def swap_network_policy(app: web.Application, policy: NetworkPolicy) -> None:
-    """Replace the live IP lists and trusted proxies atomically (reloads, Security page)."""
+    """Replace the live IP lists and trusted proxies atomically (reloads, Security page and
+    every other settings change), and judge the open WebSockets again at once."""
     app[LIVE].swap_network(policy)
     _count_ip_rules(app[METRICS], app[LIVE])
+    app[WEBSOCKET_REVIEW].wake()
 
 
 def build_admin_app(public: web.Application) -> web.Application:

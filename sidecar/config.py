@@ -245,7 +245,14 @@ class Listen(_Section):
     header_timeout: PositiveDuration = 15.0
     # Open connections, in total and from one TCP peer address (trusted proxies exempt).
     max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
+    # Per client: an IPv4 address or an IPv6 /64 (sidecar.net.client_key).
     max_connections_per_address: Annotated[int, Field(ge=1, le=1_000_000)] = 256
+    # A request body that sends no byte for this long is cut off (408 if nothing was
+    # answered yet): it holds an upstream connection while it is streamed.
+    body_timeout: PositiveDuration = 60.0
+    # A client that takes none of what is sent to it for this long is disconnected (as
+    # nginx's send_timeout): it holds an upstream connection or a WebSocket relay.
+    send_timeout: PositiveDuration = 60.0
     # How long an idle kept-alive client connection stays open; above the balancer's own
     # idle timeout when one is in front (else it may reuse a connection being closed).
     keepalive_timeout: PositiveDuration = 75.0
@@ -264,6 +271,14 @@ class Upstream(_Section):
     connect_timeout: PositiveDuration = 5.0
     read_timeout: PositiveDuration = 60.0
     max_connections: Annotated[int, Field(ge=1, le=100_000)] = 100
+    # How long a request waits for one of max_connections to be free, then 503.
+    pool_timeout: PositiveDuration = 5.0
+    # Requests one client (IPv4 address or IPv6 /64) may have at the upstream at once: no
+    # client can take the whole pool.
+    max_requests_per_client: Annotated[int, Field(ge=1, le=100_000)] = 32
+    # Relayed WebSockets at once, and per client; not taken from max_connections.
+    max_websockets: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    max_websockets_per_client: Annotated[int, Field(ge=1, le=1_000_000)] = 100
     # How long an idle pooled connection is kept; keep it below the console's own idle
     # timeout, or a request may meet a connection the console is just closing.
     keepalive_timeout: Duration = 15.0

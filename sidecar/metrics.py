@@ -39,7 +39,13 @@ _REQUEST_BUCKETS = (
     30.0,
     60.0,
 )
-UPSTREAM_ERROR_KINDS = ("connect", "timeout", "protocol")
+#: connect: refused or unreachable (502); timeout: upstream.connect_timeout or read_timeout
+#: (504); protocol: a broken answer (502); pool: no free upstream connection within
+#: upstream.pool_timeout (503); websockets: upstream.max_websockets or
+#: max_websockets_per_client reached (503); per_client: upstream.max_requests_per_client
+#: reached (503).
+UPSTREAM_ERROR_KINDS = ("connect", "timeout", "protocol", "pool", "websockets", "per_client")
+CONNECTION_REFUSALS = ("total", "per_address", "header_timeout", "body_timeout", "send_timeout")
 #: The store's parts, as ``sidecar_store_errors_total{operation}`` names them.
 STORE_OPERATIONS = ("store", "users", "mfa", "lockout", "settings", "audit")
 
@@ -70,7 +76,8 @@ class Metrics:
         )
         self.upstream_errors_total = Counter(
             "sidecar_upstream_errors_total",
-            "Upstream failures by kind",
+            "Upstream failures by kind (connect, timeout, protocol), and requests refused for "
+            "want of upstream capacity (pool, websockets, per_client)",
             ["kind"],
             registry=r,
         )
@@ -99,7 +106,9 @@ class Metrics:
             "sidecar_connections_refused_total",
             "Connections the public listener refused or closed: over listen.max_connections "
             "(total), over listen.max_connections_per_address (per_address), no complete "
-            "request head within listen.header_timeout (header_timeout)",
+            "request head within listen.header_timeout (header_timeout), no request body "
+            "bytes within listen.body_timeout (body_timeout), nothing sent taken by the "
+            "client within listen.send_timeout (send_timeout)",
             ["reason"],
             registry=r,
         )
@@ -135,8 +144,7 @@ class Metrics:
             for kind in ("unreachable", "error", "circuit_open"):
                 self.store_errors_total.labels(operation, kind)
         self._by_refusal = {
-            reason: self.connections_refused_total.labels(reason)
-            for reason in ("total", "per_address", "header_timeout")
+            reason: self.connections_refused_total.labels(reason) for reason in CONNECTION_REFUSALS
         }
         self._by_decision = {d: self.requests_total.labels(d.value) for d in Decision}
         self._by_error = {k: self.upstream_errors_total.labels(k) for k in UPSTREAM_ERROR_KINDS}

@@ -6,16 +6,29 @@ This module owns the last pipeline stage (DESIGN step 6). Its promises:
   never choose where the request goes or what ``X-Forwarded-Host`` says.
 - Bodies stream in both directions in bounded memory; a request body over
   ``listen.max_body_size`` is refused with 413 (counted here, because aiohttp's
-  ``client_max_size`` does not cover streamed reads).
+  ``client_max_size`` does not cover streamed reads), and one that sends no byte for
+  ``listen.body_timeout`` is cut off (408 when nothing was answered yet).
 - Hop-by-hop headers, including the ones a ``Connection`` header names, are removed in both
   directions (RFC 9110 §7.6.1). Client-sent forwarding headers are replaced by the sidecar's.
 - Upstream failures map to 502 (cannot connect or broken answer) and 504 (timeout). A body
   cut off upstream after the status line was sent aborts the client connection, so the
   client sees a broken response rather than a clean, shorter one.
+- **No client can hold the upstream for everyone**: HTTP requests share
+  ``upstream.max_connections`` connections and wait at most ``upstream.pool_timeout`` for
+  one; one client (an IPv4 address or an IPv6 /64, after client-IP resolution) has at most
+  ``upstream.max_requests_per_client`` of them at once. WebSockets never take those
+  connections: at most ``upstream.max_websockets`` are relayed, at most
+  ``upstream.max_websockets_per_client`` for one client. Beyond any of these the answer is
+  503 with ``Retry-After`` (decision ``upstream_error``, counted by kind: ``pool``,
+  ``per_client``, ``websockets``). A client that stops reading its answer is cut off by the
+  listener (``listen.send_timeout``), which frees the upstream connection it held.
 - WebSockets are relayed without compression on either leg (permessage-deflate is neither
   offered nor accepted, and a frame marked compressed is a protocol error, never inflated),
   and a message over ``upstream.websocket_max_message`` in either direction closes the
   relay with 1009; aiohttp refuses it from the frame header, before buffering the payload.
+- Each relayed WebSocket is kept with what it was admitted on (:class:`Admission`), so that
+  it can be judged again while it is open (``sidecar.websocket_review``) and ended with a
+  close code of the sidecar's choosing (:meth:`RelayedWebSocket.end`).
 
 The hop to the upstream sits behind :class:`UpstreamTransport` so that a leaner transport can
 replace aiohttp's ``ClientSession`` (most of the per-request CPU) without touching the rest.
@@ -30,7 +43,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import aiohttp
 from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
@@ -48,11 +61,23 @@ from sidecar.http_fields import (
     UPSTREAM_MAX_HEADERS,
 )
 from sidecar.http_fields import connection_tokens as _connection_tokens_of
-from sidecar.identity.base import console_cookies
+from sidecar.identity.base import Identity, console_cookies
+from sidecar.live import LiveSettings
 from sidecar.logs import describe_error as _describe
 from sidecar.metrics import Metrics
+from sidecar.mfa.session import SessionView
+from sidecar.net import ClientKey, IpAddress, client_key
 from sidecar.paths import is_under, may_reach_prefix
-from sidecar.state import DECISION, FORWARDING, PEER_TRUSTED, REASON, UPSTREAM_STATUS
+from sidecar.state import (
+    CLIENT_IP,
+    DECISION,
+    FORWARDING,
+    IDENTITY,
+    MFA_SESSION,
+    PEER_TRUSTED,
+    REASON,
+    UPSTREAM_STATUS,
+)
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -73,12 +98,21 @@ WEBSOCKET_HANDSHAKE = frozenset(
 VIA = "1.1 sidecar"
 
 
-class UpstreamError(Exception):
-    """The upstream could not be reached or did not answer properly."""
+#: The metrics label of an :class:`UpstreamError` (``sidecar.metrics.UPSTREAM_ERROR_KINDS``).
+UpstreamErrorKind = Literal["connect", "timeout", "protocol", "pool", "websockets", "per_client"]
+#: Kinds that mean "no capacity left for this request now": 503 with Retry-After.
+BUSY: frozenset[UpstreamErrorKind] = frozenset({"pool", "websockets", "per_client"})
+#: Seconds a client is asked to wait after a busy answer.
+BUSY_RETRY_AFTER = 5
 
-    def __init__(self, kind: str, detail: str) -> None:
+
+class UpstreamError(Exception):
+    """The upstream could not be reached or did not answer properly, or there is no capacity
+    left for the request (kinds in :data:`BUSY`)."""
+
+    def __init__(self, kind: UpstreamErrorKind, detail: str) -> None:
         super().__init__(detail)
-        self.kind = kind  # "connect", "timeout", "protocol": the metrics label
+        self.kind: UpstreamErrorKind = kind
 
 
 class UpstreamResponse(Protocol):
@@ -102,11 +136,19 @@ class UpstreamTransport(Protocol):
         target: str,
         headers: CIMultiDict[str],
         body: AsyncIterator[bytes] | None,
-    ) -> AbstractAsyncContextManager[UpstreamResponse]: ...
+    ) -> AbstractAsyncContextManager[UpstreamResponse]:
+        """One exchange, holding one of ``upstream.max_connections`` until the context
+        exits; raises UpstreamError ``pool`` when none is free within
+        ``upstream.pool_timeout``."""
+        ...
 
     def websocket(
         self, target: str, headers: CIMultiDict[str], protocols: tuple[str, ...]
-    ) -> AbstractAsyncContextManager[aiohttp.ClientWebSocketResponse]: ...
+    ) -> AbstractAsyncContextManager[aiohttp.ClientWebSocketResponse]:
+        """One WebSocket, counted against ``upstream.max_websockets`` (never against
+        ``max_connections``) until the context exits; raises UpstreamError ``websockets``
+        beyond it."""
+        ...
 
     async def probe(self) -> bool:
         """True when the upstream answers HTTP at all (for /readyz)."""
@@ -159,13 +201,29 @@ class AiohttpUpstream:
     jar would replay one user's ``Set-Cookie`` to the next caller), no decompression, no
     redirects followed, no automatic headers, no proxy settings taken from the environment,
     no overall timeout (it would kill long downloads): connect and per-read timeouts only.
+
+    The pool limits are this class's own, not the connector's: aiohttp queues a request for
+    a pooled connection inside ``ClientTimeout.connect``, together with name resolution and
+    connecting, and without any deadline when that is unset (as it was), so a full pool held
+    every other request for ever; and a timeout there cannot tell "pool full" (503, try
+    again) from "console not answering" (504). Here an HTTP request takes one of
+    ``max_connections`` slots, waiting at most ``pool_timeout``; WebSockets are counted apart
+    (``max_websockets``), so open WebSockets never take a slot a page load needs. The
+    connector itself is unlimited: nothing waits inside aiohttp, and the readiness probe is
+    never queued behind requests.
     """
 
     def __init__(self, config: Config) -> None:
         upstream = config.upstream
         self._base = upstream.url
+        self._pool = asyncio.Semaphore(upstream.max_connections)
+        self._pool_timeout = upstream.pool_timeout
+        self._max_websockets = upstream.max_websockets
+        #: HTTP requests holding a pool slot, and WebSockets connecting or open, now.
+        self.requests = 0
+        self.websockets = 0
         connector = _StrictConnector(
-            limit=upstream.max_connections,
+            limit=0,
             limit_per_host=0,
             ttl_dns_cache=10,
             keepalive_timeout=upstream.keepalive_timeout,
@@ -176,7 +234,11 @@ class AiohttpUpstream:
             auto_decompress=False,
             trust_env=False,
             timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=upstream.connect_timeout, sock_read=upstream.read_timeout
+                total=None,
+                # Name resolution and connecting as a whole, and the socket alone.
+                connect=upstream.connect_timeout,
+                sock_connect=upstream.connect_timeout,
+                sock_read=upstream.read_timeout,
             ),
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
             max_line_size=UPSTREAM_MAX_FIELD,
@@ -184,6 +246,20 @@ class AiohttpUpstream:
             max_headers=UPSTREAM_MAX_HEADERS,
         )
         self._max_message = config.upstream.websocket_max_message
+
+    async def _take_pool_slot(self) -> None:
+        if not self._pool.locked():
+            await self._pool.acquire()  # a free slot: taken without waiting
+            return
+        try:
+            async with asyncio.timeout(self._pool_timeout):
+                await self._pool.acquire()
+        except TimeoutError:
+            raise UpstreamError(
+                "pool",
+                f"no upstream connection free within {self._pool_timeout:g}s "
+                "(all upstream.max_connections in use)",
+            ) from None
 
     def _url(self, target: str) -> URL:
         # target is a server-parsed origin-form path (always starting with "/"), appended to
@@ -198,28 +274,53 @@ class AiohttpUpstream:
         headers: CIMultiDict[str],
         body: AsyncIterator[bytes] | None,
     ) -> AsyncIterator[UpstreamResponse]:
+        await self._take_pool_slot()
+        self.requests += 1
         try:
-            response = await self._session.request(
-                method,
-                self._url(target),
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                compress=None,
-            )
-        except TimeoutError as exc:
-            raise UpstreamError("timeout", "upstream did not answer in time") from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamError("connect", f"cannot connect to upstream: {exc.os_error}") from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamError("protocol", f"upstream request failed: {_describe(exc)}") from exc
-        try:
-            yield _AiohttpResponse(response.status, response.reason, response.headers, response)
+            try:
+                response = await self._session.request(
+                    method,
+                    self._url(target),
+                    headers=headers,
+                    data=body,
+                    allow_redirects=False,
+                    compress=None,
+                )
+            except TimeoutError as exc:
+                raise UpstreamError("timeout", "upstream did not answer in time") from exc
+            except aiohttp.ClientConnectorError as exc:
+                raise UpstreamError(
+                    "connect", f"cannot connect to upstream: {exc.os_error}"
+                ) from exc
+            except aiohttp.ClientError as exc:
+                raise UpstreamError(
+                    "protocol", f"upstream request failed: {_describe(exc)}"
+                ) from exc
+            try:
+                yield _AiohttpResponse(response.status, response.reason, response.headers, response)
+            finally:
+                response.release()  # back to the pool, or closed when not read to its end
         finally:
-            response.release()
+            self.requests -= 1
+            self._pool.release()
 
     @contextlib.asynccontextmanager
     async def websocket(
+        self, target: str, headers: CIMultiDict[str], protocols: tuple[str, ...]
+    ) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+        if self.websockets >= self._max_websockets:
+            raise UpstreamError(
+                "websockets", f"upstream.max_websockets ({self._max_websockets}) are open"
+            )
+        self.websockets += 1
+        try:
+            async with self._connect_websocket(target, headers, protocols) as ws:
+                yield ws
+        finally:
+            self.websockets -= 1
+
+    @contextlib.asynccontextmanager
+    async def _connect_websocket(
         self, target: str, headers: CIMultiDict[str], protocols: tuple[str, ...]
     ) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
         try:
@@ -288,6 +389,83 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _BodyStalled(Exception):
+    # Not a TimeoutError: aiohttp's body writer passes an OSError (TimeoutError is one) on
+    # as the request's own timeout, which would read as the upstream's fault (504).
+    pass
+
+
+class ClientSlots:
+    """How many of one thing (upstream requests, WebSockets) each client holds, capped at
+    ``limit`` per client; a client is a :func:`sidecar.net.client_key`. No I/O."""
+
+    __slots__ = ("_held", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held: dict[ClientKey, int] = {}
+
+    def take(self, client: ClientKey) -> bool:
+        """Count one in and return True, or return False (nothing counted) at the cap."""
+        held = self._held.get(client, 0)
+        if held >= self.limit:
+            return False
+        self._held[client] = held + 1
+        return True
+
+    def give_back(self, client: ClientKey) -> None:
+        """Count out one that :meth:`take` counted in."""
+        held = self._held[client] - 1
+        if held:
+            self._held[client] = held
+        else:
+            del self._held[client]
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What a relayed WebSocket was let through on, to be judged on again while it is open.
+
+    ``identity`` and ``session`` are what the identity stage and the MFA gate read at the
+    upgrade; None when that stage did not look (anonymous, an exempt path, an API token
+    the MFA gate lets pass). The identity is not asked again: the console ends its own
+    sessions' WebSockets on logout.
+    """
+
+    client_ip: IpAddress
+    raw_path: str
+    identity: Identity | None
+    session: SessionView | None
+
+
+class RelayedWebSocket:
+    """One relayed WebSocket: its two ends, what it was admitted on, and a way to end it."""
+
+    __slots__ = ("_ended", "admission", "client", "console")
+
+    def __init__(
+        self,
+        client: web.WebSocketResponse,
+        console: aiohttp.ClientWebSocketResponse,
+        admission: Admission,
+    ) -> None:
+        self.client = client
+        self.console = console
+        self.admission = admission
+        self._ended: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
+
+    def end(self, code: int, reason: str) -> None:
+        """Stop relaying: the client is closed with ``code`` and ``reason`` (e.g. 1008, policy
+        violation), the console with 1001 (going away: it did nothing wrong) and the same
+        reason. Done by the relay's own task, soon after; calling it again changes nothing."""
+        if not self._ended.done():
+            self._ended.set_result((code, reason))
+
+    @property
+    def ended(self) -> asyncio.Future[tuple[int, str]]:
+        return self._ended
+
+
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
     return _connection_tokens_of(headers.getall("Connection", ()))
 
@@ -326,27 +504,32 @@ class Proxy:
         *,
         transport: Callable[[], UpstreamTransport],
         metrics: Metrics,
-        max_body_size: int,
+        live: LiveSettings,
+        max_requests_per_client: int,
+        max_websockets_per_client: int,
         websocket_max_message: int,
         session_cookie: str,
         identity_headers: frozenset[str],
         prefix: str,
     ) -> None:
         self._transport = transport
+        self._live = live
         self._session_cookie = session_cookie
         self._identity_headers = identity_headers | LOOKALIKE_IDENTITY
         self._prefix = prefix
         self._metrics = metrics
-        self.max_body_size = max_body_size
         self._websocket_max_message = websocket_max_message
-        #: Relayed WebSockets, so that a shutdown can close them properly (1001).
-        self.open_websockets: set[tuple[web.WebSocketResponse, aiohttp.ClientWebSocketResponse]]
-        self.open_websockets = set()
+        #: Upstream requests and relayed WebSockets, per client.
+        self.requests_by_client = ClientSlots(max_requests_per_client)
+        self.websockets_by_client = ClientSlots(max_websockets_per_client)
+        #: Relayed WebSockets: judged again while open (sidecar.websocket_review), closed
+        #: properly (1001) by a shutdown.
+        self.open_websockets: set[RelayedWebSocket] = set()
 
     async def close_websockets(self, reason: bytes = b"server shutting down") -> None:
         """Close every relayed WebSocket on both sides with 1001 (going away)."""
-        for downstream, upstream in list(self.open_websockets):
-            for side in (downstream, upstream):
+        for relay in list(self.open_websockets):
+            for side in (relay.client, relay.console):
                 with contextlib.suppress(ConnectionError, aiohttp.ClientError, RuntimeError):
                     await side.close(code=1001, message=reason)
 
@@ -382,48 +565,85 @@ class Proxy:
             # forward anything below the prefix, however a server may decode it
             # ("/mfa%C0%AFadmin", "/%EF%BD%8Dfa/admin", "/MFA/admin": see sidecar.paths).
             return web.Response(status=404, text="not found\n")
-        if (
+        websocket = (
             request.method == "GET"
             and request.headers.get("Upgrade", "").lower() == "websocket"
             and "upgrade" in _connection_tokens(request.headers)
-        ):
-            return await self._websocket(request, target)
-        return await self._http(request, target)
+        )
+        slots = self.websockets_by_client if websocket else self.requests_by_client
+        # The resolved client (the client-IP stage always sets it before this stage runs).
+        client_ip = request.get(CLIENT_IP)
+        client = client_key(client_ip) if client_ip is not None else None
+        if client is not None and not slots.take(client):
+            setting = "max_websockets_per_client" if websocket else "max_requests_per_client"
+            return self._upstream_failed(
+                request,
+                UpstreamError(
+                    "websockets" if websocket else "per_client",
+                    f"the client has upstream.{setting} ({slots.limit}) at the upstream",
+                ),
+            )
+        try:
+            if websocket:
+                return await self._websocket(request, target)
+            return await self._http(request, target)
+        finally:
+            if client is not None:
+                slots.give_back(client)
 
     def _upstream_failed(self, request: web.Request, error: UpstreamError) -> web.Response:
         request[DECISION] = Decision.UPSTREAM_ERROR
         request[REASON] = str(error)
         self._metrics.upstream_errors(error.kind)
+        if error.kind in BUSY:
+            response = web.Response(
+                status=503,
+                text="upstream busy, try again shortly\n",
+                headers={"Retry-After": str(BUSY_RETRY_AFTER)},
+            )
+            if request.body_exists:
+                # The body was never read: this connection cannot be reused.
+                response.force_close()
+            return response
         if error.kind == "timeout":
             return web.Response(status=504, text="upstream timed out\n")
         return web.Response(status=502, text="upstream unavailable\n")
 
     async def _http(self, request: web.Request, target: str) -> web.StreamResponse:
+        listen = self._live.config.listen
+        max_body_size, body_timeout = listen.max_body_size, listen.body_timeout
         length = request.content_length
-        if length is not None and length > self.max_body_size:
+        if length is not None and length > max_body_size:
             return _too_large(request)
         headers = self._upstream_headers(request, CLIENT_FORWARDING)
         body: AsyncIterator[bytes] | None = None
-        too_large = client_gone = False
+        too_large = client_gone = stalled = False
         if request.body_exists:
             if length is not None:
                 headers["Content-Length"] = str(length)
 
             async def stream_body() -> AsyncIterator[bytes]:
-                nonlocal too_large, client_gone
+                nonlocal too_large, client_gone, stalled
                 received = 0
-                chunks = request.content.iter_any()
+                content = request.content
                 while True:
                     try:
-                        chunk = await anext(chunks)
-                    except StopAsyncIteration:
-                        return
+                        # An idle deadline, renewed by every chunk: a body that trickles
+                        # in keeps going, one that stops holds its upstream connection
+                        # for at most this long.
+                        async with asyncio.timeout(body_timeout):
+                            chunk = await content.readany()
+                    except TimeoutError:
+                        stalled = True
+                        raise _BodyStalled from None
                     except Exception:
                         # The client went away mid-upload: not the upstream's failure.
                         client_gone = True
                         raise
+                    if not chunk:
+                        return
                     received += len(chunk)
-                    if received > self.max_body_size:
+                    if received > max_body_size:
                         too_large = True
                         raise _BodyTooLarge
                     yield chunk
@@ -444,9 +664,10 @@ class Proxy:
                 await response.prepare(request)
                 async for chunk in upstream.iter_body():
                     await response.write(chunk)
-                if too_large:
+                if too_large or stalled:
                     # The upstream answered before reading the whole body; the client is
-                    # still sending more than allowed: do not keep the connection.
+                    # still sending (more than allowed, or nothing): do not keep the
+                    # connection.
                     response.force_close()
                 await response.write_eof()
                 return response
@@ -454,6 +675,8 @@ class Proxy:
             if client_gone:
                 # Logged as 499 by the request log; no upstream error counted.
                 raise ConnectionResetError("client closed the connection mid-upload") from error
+            if stalled:
+                return self._body_stalled(request, response)
             if too_large and response is None:
                 return _too_large(request)
             if response is not None and response.prepared:
@@ -461,6 +684,25 @@ class Proxy:
             return self._upstream_failed(request, error)
         except _BodyTooLarge:
             return _too_large(request)
+        except _BodyStalled:
+            return self._body_stalled(request, response)
+
+    def _body_stalled(
+        self, request: web.Request, response: web.StreamResponse | None
+    ) -> web.StreamResponse:
+        """The request body sent nothing for ``listen.body_timeout``: 408 when nothing was
+        answered yet, else a broken connection (the answer cannot be trusted complete)."""
+        request[REASON] = "request body idle for listen.body_timeout"
+        self._metrics.connection_refused("body_timeout")
+        if response is not None and response.prepared:
+            if request.transport is not None:
+                request.transport.abort()
+            response.force_close()
+            return response
+        answer = web.Response(status=408, text="request body not received in time\n")
+        # The rest of the body may still come: this connection cannot be reused.
+        answer.force_close()
+        return answer
 
     async def _websocket(self, request: web.Request, target: str) -> web.StreamResponse:
         headers = self._upstream_headers(request, CLIENT_FORWARDING | WEBSOCKET_HANDSHAKE)
@@ -469,6 +711,14 @@ class Proxy:
             for line in request.headers.getall("Sec-WebSocket-Protocol", ())
             for p in line.split(",")
             if p.strip()
+        )
+        client_ip = request[CLIENT_IP]
+        assert client_ip is not None  # the client-IP stage refuses requests without one
+        admission = Admission(
+            client_ip=client_ip,
+            raw_path=request.rel_url.raw_path,
+            identity=request.get(IDENTITY),
+            session=request.get(MFA_SESSION),
         )
         try:
             async with self._transport().websocket(target, headers, offered) as upstream:
@@ -483,12 +733,12 @@ class Proxy:
                     max_msg_size=reader_limit(self._websocket_max_message),
                 )
                 await downstream.prepare(request)
-                pair = (downstream, upstream)
-                self.open_websockets.add(pair)
+                relay = RelayedWebSocket(downstream, upstream, admission)
+                self.open_websockets.add(relay)
                 try:
-                    await _pump_websockets(downstream, upstream)
+                    await _pump_websockets(relay)
                 finally:
-                    self.open_websockets.discard(pair)
+                    self.open_websockets.discard(relay)
                 return downstream
         except UpstreamHandshakeRefused as refused:
             request[UPSTREAM_STATUS] = refused.status
@@ -550,11 +800,11 @@ def close_code_for_peer(error: BaseException | None, *, from_client: bool) -> in
     return 1014
 
 
-async def _pump_websockets(
-    downstream: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse
-) -> None:
-    """Relay frames both ways until either side closes; close codes and reasons, ping and
-    pong payloads pass through unchanged."""
+async def _pump_websockets(relay: RelayedWebSocket) -> None:
+    """Relay frames both ways until either side closes, or the relay is ended
+    (:meth:`RelayedWebSocket.end`); close codes and reasons, ping and pong payloads pass
+    through unchanged."""
+    downstream, upstream = relay.client, relay.console
 
     async def pump(source: WsSide, sink: WsSide, *, from_client: bool) -> tuple[int, str]:
         while True:
@@ -577,7 +827,7 @@ async def _pump_websockets(
     to_downstream = asyncio.ensure_future(pump(upstream, downstream, from_client=False))
     try:
         done, _ = await asyncio.wait(
-            (to_upstream, to_downstream), return_when=asyncio.FIRST_COMPLETED
+            (to_upstream, to_downstream, relay.ended), return_when=asyncio.FIRST_COMPLETED
         )
     finally:
         # Also when this handler is cancelled (shutdown): never leave a pump running.
@@ -587,6 +837,14 @@ async def _pump_websockets(
         for task in (to_upstream, to_downstream):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+    if relay.ended in done:
+        # Ended by the sidecar (no longer allowed): that wins over a close crossing it.
+        code, reason = relay.ended.result()
+        with contextlib.suppress(ConnectionError, aiohttp.ClientError, RuntimeError):
+            await downstream.close(code=code, message=reason.encode())
+        with contextlib.suppress(ConnectionError, aiohttp.ClientError, RuntimeError):
+            await upstream.close(code=WSCloseCode.GOING_AWAY, message=reason.encode())
+        return
     first = done.pop()
     try:
         code, reason = first.result()

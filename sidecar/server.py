@@ -110,7 +110,10 @@ async def _serve(
     app = build_app(config)
     admin = build_admin_app(app)
     raise_open_files_limit(
-        config.listen.max_connections + config.upstream.max_connections + FD_HEADROOM
+        config.listen.max_connections
+        + config.upstream.max_connections
+        + config.upstream.max_websockets  # each relayed WebSocket holds its own upstream socket
+        + FD_HEADROOM
     )
     runner = public_runner(app)
     admin_runner = web.AppRunner(admin, access_log=None, handle_signals=False)

@@ -7,6 +7,7 @@ from aiohttp import web
 
 from sidecar.decision import Decision
 from sidecar.identity.base import Identity
+from sidecar.mfa.session import SessionView
 from sidecar.net.client_ip import IpAddress
 from sidecar.net.forwarding import Forwarding
 
@@ -33,6 +34,11 @@ PEER_TRUSTED = web.RequestKey("sidecar.peer_trusted", bool)
 #: Who the console says is calling (written by the identity middleware; None = anonymous).
 #: Absent when the identity stage did not run (exempt paths).
 IDENTITY = web.RequestKey[Identity | None]("sidecar.identity")
+
+#: The sidecar session as the MFA gate judged it (written by the MFA gate when it judged the
+#: request; absent when the gate let it pass unjudged: anonymous, exempt, API token). A relayed
+#: WebSocket keeps it, to be judged again while it is open.
+MFA_SESSION = web.RequestKey("sidecar.mfa_session", SessionView)
 
 #: The path to write on the log line when the real one carries something that must not be
 #: logged (written by the handler that knows; e.g. a credential id).

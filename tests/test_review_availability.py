@@ -1,6 +1,10 @@
 """Review findings (attack-review) on the public listener: an outsider with no account and
-one address holds every upstream connection, so the console is unreachable for everyone.
-Marked xfail(strict=True): they fail today and turn red once fixed."""
+one address held every upstream connection, so the console was unreachable for everyone.
+Fixed: the pool has a deadline (upstream.pool_timeout), one client has a share of it
+(upstream.max_requests_per_client), WebSockets are counted apart (upstream.max_websockets),
+bodies and slow readers have idle deadlines (listen.body_timeout, send_timeout), and one IPv6
+/64 counts as one address (listen.max_connections_per_address). tests/test_upstream_capacity.py
+and tests/listener push each of those limits."""
 
 from __future__ import annotations
 
@@ -10,7 +14,6 @@ import socket
 import time
 from dataclasses import dataclass
 
-import pytest
 from aiohttp import ClientSession, ClientTimeout, WSMsgType, web
 
 from sidecar.listener import ConnectionCounts
@@ -58,7 +61,6 @@ async def answered_within(url: str, seconds: float) -> float | None:
         return None
 
 
-@pytest.mark.xfail(strict=True, reason="review: slow request bodies hold the upstream pool")
 async def test_slow_request_bodies_from_one_address_take_every_upstream_connection(
     serve_sidecar: ServeFactory,
 ) -> None:
@@ -80,7 +82,6 @@ async def test_slow_request_bodies_from_one_address_take_every_upstream_connecti
             writer.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review: slow readers hold the upstream pool forever")
 async def test_clients_that_never_read_an_answer_hold_upstream_connections_forever(
     serve_sidecar: ServeFactory,
 ) -> None:
@@ -106,7 +107,6 @@ async def test_clients_that_never_read_an_answer_hold_upstream_connections_forev
             sock.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review: relayed WebSockets hold upstream pool slots")
 async def test_open_websockets_take_every_upstream_connection(
     serve_sidecar: ServeFactory,
 ) -> None:
@@ -132,7 +132,6 @@ class Limits:
     max_connections_per_address: int = 256
 
 
-@pytest.mark.xfail(strict=True, reason="review: the per-address cap counts IPv6 per /128")
 def test_one_ipv6_host_cannot_take_every_connection_slot() -> None:
     """Any IPv6 host holds a /64 (a cloud VM, a home line): as far as the per-address cap is
     concerned it is 2**64 clients, so it alone fills listen.max_connections. Each of its

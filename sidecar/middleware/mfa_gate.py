@@ -9,7 +9,9 @@ request authenticated by ``Authorization: Bearer`` alone. A bearer token on its 
 API client: a browser's session token can be sent that way, and exempting it would let a
 phished password reach the console's API without a second factor.
 
-Everyone else gets a verdict from ``sidecar.mfa.policy.decide``. "Required" answers: an HTML
+Everyone else (:func:`mfa_gate_applies`) gets a verdict from :func:`mfa_verdict`, which
+applies ``sidecar.mfa.policy.decide``. Both also judge relayed WebSockets again while they are
+open (``sidecar.websocket_review``): one rule, one place. "Required" answers: an HTML
 navigation gets 303 to the setup or verify page with ``next``; anything else 403 JSON
 ``{"error": ..., "location": ...}``. During grace an HTML navigation gets, once per session, an
 interstitial with the deadline. When the store cannot answer, the request is refused with 503
@@ -21,23 +23,25 @@ from __future__ import annotations
 import logging
 import time
 from datetime import timedelta
+from typing import TypeGuard
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from sidecar.answers import harden, is_html_navigation, json_error, unavailable
+from sidecar.config import Config, Mfa
 from sidecar.decision import Decision
-from sidecar.identity.base import is_privileged
+from sidecar.identity.base import Identity, is_privileged
 from sidecar.live import LiveSettings
 from sidecar.mfa import pages
-from sidecar.mfa.policy import MfaPolicy, decide, needs_grace_start
+from sidecar.mfa.policy import MfaPolicy, MfaVerdict, decide, needs_grace_start
 from sidecar.mfa.service import MfaService
-from sidecar.mfa.session import csrf_token, mark_grace_shown, session_for, view
+from sidecar.mfa.session import SessionView, csrf_token, mark_grace_shown, session_for, view
 from sidecar.paths import is_exempt, is_under, with_next
 from sidecar.refused_summary import RefusedSummary
 from sidecar.settings import SettingsService
-from sidecar.state import DECISION, IDENTITY, REASON
-from sidecar.store.base import StoreUnavailable
+from sidecar.state import DECISION, IDENTITY, MFA_SESSION, REASON
+from sidecar.store.base import MfaState, SecuritySettings, StoreUnavailable
 
 log = logging.getLogger("sidecar.mfa")
 
@@ -51,6 +55,56 @@ _VERIFY_ERROR = "mfa_verification_required"
 def binding_of(credential_hash: bytes) -> str:
     """What the sidecar session stores to bind itself to the console credential."""
     return credential_hash[:16].hex()
+
+
+def mfa_gate_applies(identity: Identity | None, raw_path: str, mfa: Mfa) -> TypeGuard[Identity]:
+    """Whether the MFA gate judges a caller: authenticated (anonymous callers are the
+    console's to answer), not on an exempt path, and not an API client: a recognised API
+    token, or (only when ``mfa.enforce_on_tokens`` is false) any bearer-only request.
+    ``raw_path`` is the path as the console receives it: ``request.path`` has ``%2F``
+    decoded, and ``/static/..%2Fsettings`` must not count as static."""
+    if identity is None or is_exempt(raw_path, mfa.exempt_paths):
+        return False
+    return not (identity.api_token or (identity.bearer_only and not mfa.enforce_on_tokens))
+
+
+async def mfa_verdict(
+    identity: Identity,
+    session: SessionView,
+    *,
+    current: SecuritySettings,
+    state: MfaState,
+    config: Config,
+    service: MfaService,
+) -> MfaVerdict:
+    """The MFA gate's verdict for one caller it judges (:func:`mfa_gate_applies`), from
+    their identity, their sidecar session, the live security settings and their MFA state.
+
+    May start the user's grace clock (the first time the requirement is seen for them);
+    raises StoreUnavailable when that cannot be looked up.
+    """
+    privileged = is_privileged(identity, config.identity.admin_roles)
+    policy = MfaPolicy(current.mfa_policy)
+    grace_started = None
+    if needs_grace_start(policy=policy, privileged=privileged, enrolled=state.enrolled):
+        grace_started = await service.grace_started(
+            identity.user_id, settings_version=current.version
+        )
+    return decide(
+        policy=policy,
+        privileged=privileged,
+        enrolled=state.enrolled,
+        verified=session.verified_for(
+            user=identity.user_id,
+            binding=binding_of(identity.credential_hash),
+            generation=state.mfa_generation,
+            now=time.time(),
+            verify_every=config.mfa.verify_every,
+        ),
+        grace_started=grace_started,
+        grace_period=timedelta(seconds=current.grace_period_seconds),
+        now=service.now(),
+    )
 
 
 def mfa_gate_middleware(
@@ -69,7 +123,6 @@ def mfa_gate_middleware(
     async def mfa_gate(request: web.Request, handler: Handler) -> web.StreamResponse:
         config = live.config
         mfa = config.mfa
-        admin_roles = config.identity.admin_roles
         path = request.path
         if is_under(path, prefix):
             request[DECISION] = Decision.SIDECAR
@@ -100,45 +153,29 @@ def mfa_gate_middleware(
                     if not busy[user]:
                         del busy[user]
         identity = request.get(IDENTITY)
-        # Exemptions match the raw path (what the console receives): request.path has %2F
-        # decoded, and "/static/..%2Fsettings" must not count as static.
-        if identity is None or is_exempt(request.rel_url.raw_path, mfa.exempt_paths):
-            return await handler(request)
-        if identity.api_token or (identity.bearer_only and not mfa.enforce_on_tokens):
+        if not mfa_gate_applies(identity, request.rel_url.raw_path, mfa):
             return await handler(request)
         current = settings.current
         if current is None:
             return _store_down(refused, request, "security settings not loaded yet")
         try:
             state = await service.state(identity.user_id)
-            privileged = is_privileged(identity, admin_roles)
-            policy = MfaPolicy(current.mfa_policy)
-            grace_started = None
-            if needs_grace_start(policy=policy, privileged=privileged, enrolled=state.enrolled):
-                grace_started = await service.grace_started(
-                    identity.user_id, settings_version=current.version
-                )
+            session = await session_for(
+                request, user=identity.user_id, binding=binding_of(identity.credential_hash)
+            )
+            session_view = view(session)
+            verdict = await mfa_verdict(
+                identity,
+                session_view,
+                current=current,
+                state=state,
+                config=config,
+                service=service,
+            )
             await service.touch(identity.user_id, email=identity.email, role=identity.role)
         except StoreUnavailable as exc:
             return _store_down(refused, request, str(exc))
-        binding = binding_of(identity.credential_hash)
-        session = await session_for(request, user=identity.user_id, binding=binding)
-        session_view = view(session)
-        verdict = decide(
-            policy=policy,
-            privileged=privileged,
-            enrolled=state.enrolled,
-            verified=session_view.verified_for(
-                user=identity.user_id,
-                binding=binding,
-                generation=state.mfa_generation,
-                now=time.time(),
-                verify_every=mfa.verify_every,
-            ),
-            grace_started=grace_started,
-            grace_period=timedelta(seconds=current.grace_period_seconds),
-            now=service.now(),
-        )
+        request[MFA_SESSION] = session_view
         request[DECISION] = verdict.decision
         if verdict.decision is Decision.ALLOWED:
             return await handler(request)

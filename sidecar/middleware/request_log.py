@@ -55,10 +55,12 @@ def request_log_middleware(*, metrics: Metrics, in_flight: InFlight) -> Middlewa
         except asyncio.CancelledError:
             status = 499  # the client went away
             raise
-        except ConnectionResetError:
+        except ConnectionError:
             # The client closed the connection while we were answering (aiohttp raises
-            # ClientConnectionResetError, a ConnectionResetError): nothing to answer, and
-            # nothing went wrong on our side. Logged as 499, never as an error.
+            # ClientConnectionResetError, a ConnectionResetError, or, when it went while a
+            # write waited for it to read, a plain ConnectionError), or it was cut off for
+            # not reading (listen.send_timeout): nothing to answer, and nothing went wrong on
+            # our side. Logged as 499, never as an error.
             status = 499
             request[REASON] = "client closed the connection"
             return web.Response(status=499)

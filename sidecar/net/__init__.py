@@ -13,18 +13,21 @@ from sidecar.net.client_ip import (
     parse_ip,
     resolve_client_ip,
 )
+from sidecar.net.client_key import ClientKey, client_key
 from sidecar.net.forwarding import Forwarding, forwarding_context
 from sidecar.net.ip_gate import CidrSet, GateVerdict, IpGate
 
 __all__ = [
     "CidrSet",
     "ClientIpHeader",
+    "ClientKey",
     "Forwarding",
     "GateVerdict",
     "IpAddress",
     "IpGate",
     "IpNetwork",
     "Unresolved",
+    "client_key",
     "forwarding_context",
     "normalize_ip",
     "parse_ip",

@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import ipaddress
 import logging
 import resource
+import socket
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +24,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from sidecar.app import METRICS, apply_config
-from sidecar.listener import ConnectionCounts, raise_open_files_limit
+from sidecar.app import METRICS, UPSTREAM, apply_config
+from sidecar.listener import ConnectionCounts, _GuardedHandler, raise_open_files_limit
 from sidecar.net import parse_ip
+from sidecar.proxy import AiohttpUpstream
 from tests.conftest import Served, ServeFactory, make_config
 from tests.process import run_sidecar
 from tests.test_operations import children, metric, wait_for
@@ -287,6 +291,162 @@ async def test_a_reload_applies_new_caps_to_new_connections(listener: Start) -> 
     writer.close()
 
 
+# --- the send deadline ----------------------------------------------------------------------
+
+CHUNK = b"x" * 65536
+
+
+@dataclass
+class Sender:
+    """A console that sends: what it sent, and whether its sending was cut off."""
+
+    sent: int = 0
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+SENDER = web.AppKey("sender", Sender)
+
+
+def sending_console() -> web.Application:
+    """``/stream``: an answer without end (a long export); ``/download/N``: N bytes;
+    ``/ws``: a WebSocket that sends without end from the start."""
+    app = web.Application()
+    app[SENDER] = sender = Sender()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        try:
+            while True:
+                await response.write(CHUNK)
+                sender.sent += len(CHUNK)
+        finally:  # the sidecar let go of the connection: the write fails or is cancelled
+            sender.stopped.set()
+
+    async def download(request: web.Request) -> web.Response:
+        return web.Response(body=b"y" * int(request.match_info["size"]))
+
+    async def ws(request: web.Request) -> web.WebSocketResponse:
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+
+        async def send() -> None:
+            while not socket.closed:
+                await socket.send_bytes(CHUNK)
+                sender.sent += len(CHUNK)
+
+        sending = asyncio.create_task(send())
+        try:
+            async for _ in socket:  # reading, as consoles do: a close is answered
+                pass
+        finally:
+            sending.cancel()
+            sender.stopped.set()
+        return socket
+
+    app.router.add_get("/stream", stream)
+    app.router.add_get("/download/{size}", download)
+    app.router.add_get("/ws", ws)
+    return app
+
+
+async def non_reading_client(port: int, request: bytes) -> socket.socket:
+    """A client that sends ``request`` and then never reads (a small receive buffer)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    await loop.sock_sendall(sock, request)
+    return sock
+
+
+def send_refusals(served: Served) -> float:
+    value: float = served.app[METRICS].connections_refused_total.labels("send_timeout")._value.get()
+    return value
+
+
+WEBSOCKET_HANDSHAKE = (
+    b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+@both_loops
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        pytest.param(b"GET /stream HTTP/1.1\r\nHost: localhost\r\n\r\n", id="an answer"),
+        pytest.param(WEBSOCKET_HANDSHAKE, id="a WebSocket"),
+    ],
+)
+async def test_a_client_that_stops_reading_is_cut_off_and_frees_the_upstream(
+    serve_sidecar: ServeFactory, request_bytes: bytes
+) -> None:
+    console = sending_console()
+    served = await serve_sidecar(console, listen={"send_timeout": "0.5s"})
+    sock = await non_reading_client(served.port, request_bytes)
+    try:
+        # The sidecar gives up on the client, so the console's connection is let go of too.
+        await asyncio.wait_for(console[SENDER].stopped.wait(), 15)
+        assert send_refusals(served) == 1
+        upstream = served.app[UPSTREAM]
+        assert isinstance(upstream, AiohttpUpstream)
+        for _ in range(200):
+            if (upstream.requests, upstream.websockets) == (0, 0):
+                break
+            await asyncio.sleep(0.025)
+        assert (upstream.requests, upstream.websockets) == (0, 0)
+        await asyncio.sleep(0)
+        assert served.runner.guard.counts.total == 0  # the client's connection is gone
+    finally:
+        sock.close()
+
+
+@both_loops
+async def test_a_client_that_reads_slowly_but_steadily_is_not_cut_off(
+    serve_sidecar: ServeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each period the client takes less than the transport's flow-control window (it stays
+    paused), but it takes something: a new period starts, the download completes."""
+    checks: list[int] = []
+    deadline_passed = _GuardedHandler._send_deadline_passed
+
+    def counted(self: _GuardedHandler) -> None:
+        checks.append(1)
+        deadline_passed(self)
+
+    monkeypatch.setattr(_GuardedHandler, "_send_deadline_passed", counted)
+    size = 16 * 1024 * 1024  # more than the kernel's socket buffers hold on the way
+    served = await serve_sidecar(sending_console(), listen={"send_timeout": "1s"})
+    sock = await non_reading_client(
+        served.port, b"GET /download/%d HTTP/1.1\r\nHost: localhost\r\n\r\n" % size
+    )
+    loop = asyncio.get_running_loop()
+
+    async def take(count: int) -> bytes:
+        chunk = await asyncio.wait_for(loop.sock_recv(sock, count), 10)
+        assert chunk, "cut off"
+        return chunk
+
+    received = b""
+    try:
+        await asyncio.sleep(0.5)  # every buffer on the way fills up: the sidecar waits
+        slow_until = time.monotonic() + 3
+        while time.monotonic() < slow_until:  # 3 periods of 8 KiB every 0.1 s
+            received += await take(8192)
+            await asyncio.sleep(0.1)
+        while len(received) < size + 100:  # then the rest, at full speed
+            received += await take(65536)
+            if received.endswith(b"y" * 100) and len(received.partition(b"\r\n\r\n")[2]) >= size:
+                break
+    finally:
+        sock.close()
+    assert received.partition(b"\r\n\r\n")[2] == b"y" * size
+    assert send_refusals(served) == 0
+    assert checks, "the send deadline never came up: the test proves nothing"
+
+
 # --- pure parts -----------------------------------------------------------------------------
 
 
@@ -298,26 +458,39 @@ class Limits:
 
 
 A, B = parse_ip("192.0.2.1"), parse_ip("2001:db8::1")
+A2 = parse_ip("192.0.2.2")  # A's neighbour: IPv4 counts address by address
+B2 = parse_ip("2001:db8::ffff:ffff:ffff:fffe")  # in B's /64
+B3 = parse_ip("2001:db8:0:1::1")  # the next /64
+MAPPED_A = ipaddress.IPv6Address("::ffff:192.0.2.1")  # A as a dual-stack socket reports it
 
 
 @pytest.mark.parametrize(
-    ("opened", "address", "exempt", "expected"),
+    ("opened", "trusted", "address", "exempt", "expected"),
     [
-        pytest.param([], A, False, None, id="first"),
-        pytest.param([A], A, False, None, id="second from one address"),
-        pytest.param([A, A], A, False, "per_address", id="third from one address"),
-        pytest.param([A, A], A, True, None, id="third from a trusted proxy"),
-        pytest.param([A, A], B, False, None, id="another address"),
-        pytest.param([A, A, B], B, True, "total", id="total applies to trusted proxies"),
-        pytest.param([A, B], None, False, None, id="unknown peer"),
+        pytest.param([], [], A, False, None, id="first"),
+        pytest.param([A], [], A, False, None, id="second from one address"),
+        pytest.param([A, A], [], A, False, "per_address", id="third from one address"),
+        pytest.param([A, A], [], MAPPED_A, False, "per_address", id="third, IPv4-mapped"),
+        pytest.param([A, A], [], A, True, None, id="third from a trusted proxy"),
+        pytest.param([A, A], [], B, False, None, id="another address"),
+        pytest.param([A, A], [], A2, False, None, id="the next IPv4 address"),
+        pytest.param([B, B2], [], B, False, "per_address", id="third from one IPv6 /64"),
+        pytest.param([B, B2], [], B3, False, None, id="the next IPv6 /64"),
+        pytest.param([], [B, B], B2, False, None, id="a trusted proxy's /64 neighbour"),
+        pytest.param([A, A, B], [], B, True, "total", id="total applies to trusted proxies"),
+        pytest.param([A, B], [], None, False, None, id="unknown peer"),
     ],
 )
-def test_admission(opened: list[Any], address: Any, exempt: bool, expected: str | None) -> None:
+def test_admission(
+    opened: list[Any], trusted: list[Any], address: Any, exempt: bool, expected: str | None
+) -> None:
     counts = ConnectionCounts()
     for each in opened:
+        assert counts.admit(each, exempt=False, limits=Limits()) is None
+    for each in trusted:
         assert counts.admit(each, exempt=True, limits=Limits()) is None
     assert counts.admit(address, exempt=exempt, limits=Limits()) == expected
-    assert counts.total == len(opened) + (expected is None)
+    assert counts.total == len(opened) + len(trusted) + (expected is None)
 
 
 def test_released_connections_free_their_slots() -> None:
@@ -330,6 +503,20 @@ def test_released_connections_free_their_slots() -> None:
     counts.release(A)
     counts.release(A)
     assert (counts.total, counts.from_address(A)) == (0, 0)
+
+
+def test_released_ipv6_connections_free_their_slot_of_the_64() -> None:
+    counts = ConnectionCounts()
+    assert counts.admit(B, exempt=False, limits=Limits()) is None
+    assert counts.admit(B2, exempt=False, limits=Limits()) is None
+    assert counts.admit(B, exempt=True, limits=Limits()) is None  # B became a trusted proxy
+    assert counts.from_address(B3) == 0
+    assert counts.from_address(B) == counts.from_address(B2) == 2
+    counts.release(B2)
+    counts.release(B, exempt=True)
+    assert (counts.total, counts.from_address(B)) == (1, 1)
+    counts.release(B)
+    assert (counts.total, counts.from_address(B2)) == (0, 0)
 
 
 def test_open_files_limit_is_raised_to_the_hard_limit(caplog: pytest.LogCaptureFixture) -> None:

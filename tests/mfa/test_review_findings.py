@@ -1,6 +1,5 @@
 """Review findings (attack-review): each test demonstrates a way through the trust boundary
-that still works. They are marked xfail(strict=True): they fail today, and start passing
-(so strict xfail turns them red) once the product is fixed."""
+that worked until it was fixed; each test now attacks the fix."""
 
 from __future__ import annotations
 
@@ -201,7 +200,6 @@ def kates_browser(deployment: Deployment, cookies: dict[str, str]) -> Browser:
     return Browser(client, "198.51.100.7")
 
 
-@pytest.mark.xfail(strict=True, reason="review: WebSockets are judged once, at the upgrade")
 async def test_an_open_websocket_outlives_the_denylist_and_an_mfa_reset(
     deploy: Callable[..., Awaitable[Deployment]],
 ) -> None:
